@@ -161,8 +161,8 @@ def load_model(name, model_class, device, load_in_4bit=False):
     except (OSError, ValueError) as error:
         sys.exit(f"error: could not load model '{name}': {str(error).strip().splitlines()[0]}\n"
                  "  A gated model (Llama) needs its license accepted on the Hugging Face Hub and `hf auth login`.\n"
-                 "  Without network access pass a local directory, or run offline with --model smollm2 "
-                 "--reward-model self.")
+                 "  Without network access set HF_HUB_OFFLINE=1 and pass a local directory, or run the offline "
+                 "demo with --model smollm2 --reward-model self.")
     return tokenizer, model
 
 
@@ -321,7 +321,7 @@ def parse_score(text):
     if len(values) != 1:
         return None
     value = values.pop()
-    return int(value) if value.isdigit() and int(value) <= 7 else None
+    return int(value) if re.fullmatch("[0-7]", value) else None  # ASCII only: int() rejects some digits
 
 
 @torch.no_grad()
@@ -614,7 +614,7 @@ def train(args, selfplay):
             for episode in episodes:
                 episodes_file.write(json.dumps({"step": step, **episode}) + "\n")
             episodes_file.flush()
-            bar.set_postfix({name: f"{metrics[name]:.3f}" for name in ("reward", "self_reward", "kl")
+            bar.set_postfix({name: f"{metrics[name]:.4g}" for name in ("reward", "self_reward", "kl")
                              if metrics.get(name) is not None})
             if step % args.log_every == 0 or step == 1:
                 show_example(step, episodes)
