@@ -90,8 +90,6 @@ def build_parser():
     parser.add_argument("--alpha-ch", type=float, default=1.0, help="weight of the Challenger loss")
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
     parser.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward/backward in the update")
-    parser.add_argument("--optimizer", choices=["auto", "adamw", "adamw8bit"], default="auto",
-                        help="auto: 8-bit AdamW (bitsandbytes) on CUDA, torch AdamW on CPU")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward to save memory")
     # outputs
     parser.add_argument("--out", default="runs/lsp", help="run directory for metrics, episodes and checkpoints")
@@ -121,8 +119,6 @@ def parse_args(argv=None):
         parser.error("--top-p must be in (0, 1]")
     if args.load_in_4bit and not torch.cuda.is_available():
         parser.error("--load-in-4bit needs a CUDA GPU (bitsandbytes NF4); drop it on a CPU")
-    if args.optimizer == "adamw8bit" and not torch.cuda.is_available():
-        parser.error("--optimizer adamw8bit needs a CUDA GPU; use --optimizer adamw on a CPU")
     if (Path(args.out) / "metrics.jsonl").exists():
         parser.error(f"{args.out} already holds a run (metrics.jsonl); choose another --out or delete it")
     return args
@@ -449,12 +445,37 @@ def policy_update(policy, reference, optimizer, prompts, completions, advantages
     return torch.cat(seq_kls), torch.cat(lengths).float(), total_loss, grad_norm
 
 
-def make_optimizer(policy, args):
-    use_8bit = args.optimizer == "adamw8bit" or (args.optimizer == "auto" and policy.device.type == "cuda")
-    if use_8bit:
-        import bitsandbytes as bnb  # 8-bit states: 2 bytes per parameter instead of 8
-        return bnb.optim.AdamW8bit(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
-    return torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
+def round_to_bf16_stochastically(values):
+    """float32 -> bfloat16, rounding up with probability equal to the fraction that is cut off.
+
+    bf16 keeps the top 16 bits of a float32: adding random low bits before dropping them makes the
+    rounding unbiased, so updates far below bf16's resolution still add up on average.
+    """
+    bits = values.view(torch.int32)
+    noise = torch.randint_like(bits, 0, 1 << 16)
+    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
+def adamw_8bit_stochastic_rounding(params, lr):
+    """bitsandbytes' 8-bit AdamW for bf16 weights, with the update applied by stochastic rounding.
+
+    At lr 3e-6 an Adam step (about lr per weight) is far below half the bf16 spacing of a typical
+    weight (6e-5 at 0.02), so rounding to nearest would discard almost every update. Each weight is
+    updated in float32, one tensor at a time (the extra memory is one tensor), then rounded back.
+    """
+    import bitsandbytes as bnb  # needed on CUDA only, and slow to import
+
+    class AdamW8bitStochasticRounding(bnb.optim.AdamW8bit):
+        def update_step(self, group, param, gindex, pindex):
+            if param.dtype != torch.bfloat16:
+                return super().update_step(group, param, gindex, pindex)
+            weight, grad = param.data, param.grad
+            param.data, param.grad = weight.float(), grad.float()
+            super().update_step(group, param, gindex, pindex)
+            weight.copy_(round_to_bf16_stochastically(param.data))
+            param.data, param.grad = weight, grad
+
+    return AdamW8bitStochasticRounding(params, lr=lr, weight_decay=0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,7 +492,10 @@ class SelfPlay:
         self.stop_ids = stop_token_ids(policy, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         self.generator = torch.Generator(policy.device).manual_seed(args.seed)
-        self.optimizer = make_optimizer(policy, args)
+        # 8-bit states (2 bytes per weight instead of 8) for bf16 weights on CUDA, plain AdamW in fp32 on a CPU
+        self.optimizer = (adamw_8bit_stochastic_rounding(policy.parameters(), args.learning_rate)
+                          if policy.device.type == "cuda" else
+                          torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0))
         self.challenger_prompt = chat_prompt(tokenizer, challenger_text(args.task, args.template))
 
     def roll_out(self, prompts, max_tokens):

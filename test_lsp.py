@@ -227,6 +227,32 @@ def test_non_finite_gradient_skips_the_step(tiny_model):
     assert all(torch.equal(a, b) for a, b in zip(before, tiny_model.parameters()))
 
 
+def test_stochastic_rounding_to_bf16_is_unbiased():
+    torch.manual_seed(0)
+    values = torch.full((100_000,), 1.0 + 2 ** -9)  # a quarter of the way from 1.0 to the next bf16, 1 + 2^-7
+    rounded = lsp.round_to_bf16_stochastically(values)
+    assert rounded.dtype == torch.bfloat16 and set(rounded.float().unique().tolist()) == {1.0, 1.0 + 2 ** -7}
+    # the mean keeps the value: 5 standard errors (6e-5), while rounding to nearest is off by 2e-3
+    assert abs(rounded.float().mean().item() - values[0].item()) < 6e-5
+    exact = torch.tensor([0.5, -3.0, 0.0])  # representable values stay as they are
+    assert torch.equal(lsp.round_to_bf16_stochastically(exact), exact.bfloat16())
+
+
+def test_8bit_adamw_keeps_bf16_updates_below_the_rounding_step():
+    import bitsandbytes as bnb
+    torch.manual_seed(0)
+    lr, steps = 1e-4, 20  # each step moves a weight by about lr, far below bf16's spacing at 1.0 (2^-7)
+    ours = torch.nn.Parameter(torch.ones(8192, dtype=torch.bfloat16))
+    nearest = torch.nn.Parameter(torch.ones(8192, dtype=torch.bfloat16))
+    optimizers = [lsp.adamw_8bit_stochastic_rounding([ours], lr), bnb.optim.AdamW8bit([nearest], lr=lr, weight_decay=0.0)]
+    for _ in range(steps):
+        for param, optimizer in zip((ours, nearest), optimizers):
+            param.grad = torch.ones_like(param)  # Adam moves every weight down by lr per step
+            optimizer.step()
+    assert ours.dtype == torch.bfloat16 and torch.equal(nearest, torch.ones_like(nearest))  # nearest loses it all
+    assert abs(ours.float().mean().item() - (1 - lr * steps)) < 2e-4
+
+
 # --- roles and rewards with a real chat tokenizer ----------------------------------------------
 
 
