@@ -32,12 +32,14 @@ Deviations and choices where the paper is silent:
        top-p 1.0, greedy judging, AdamW (betas 0.9/0.999, no weight decay), gradient clipping at
        1.0, up to 256 query tokens, 512 answer tokens and 256 judge tokens.
     7. Training log-probs use the sampling temperature but not top-p truncation.
+    8. On CUDA the policy trains in bf16 with 8-bit AdamW; its updates are applied by stochastic
+       rounding, since at lr 3e-6 rounding to nearest would drop almost all of them.
 
 Run:
-    python lsp.py --model smollm2 --reward-model self --steps 3 --num-queries 2 \
-        --num-generations 2 --max-query-tokens 48 --max-completion-length 64 \
-        --max-judge-tokens 64 --out runs/demo                        # CPU demo, a few minutes
-    python lsp.py --steps 1500 --out runs/llama3b                    # Llama-3.2-3B on a GPU
+    python lsp.py --model smollm2 --reward-model self --steps 3 --num-queries 4 \
+        --num-generations 2 --max-query-tokens 96 --max-completion-length 64 \
+        --max-judge-tokens 64 --temperature 0.7 --log-every 1 --out runs/demo   # CPU demo
+    python lsp.py --steps 1500 --out runs/llama3b                              # Llama-3.2-3B, GPU
 """
 
 import argparse
@@ -85,7 +87,7 @@ def build_parser():
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling for both roles")
     # optimization
     parser.add_argument("--steps", type=int, default=1500, help="iterations, one optimizer step each")
-    parser.add_argument("--learning-rate", type=float, default=3e-6)
+    parser.add_argument("--learning-rate", type=float, default=3e-6, help="AdamW learning rate (the paper's 3e-6)")
     parser.add_argument("--beta", type=float, default=0.05, help="weight of the KL penalty to the reference")
     parser.add_argument("--alpha-ch", type=float, default=1.0, help="weight of the Challenger loss")
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
@@ -95,7 +97,7 @@ def build_parser():
     parser.add_argument("--out", default="runs/lsp", help="run directory for metrics, episodes and checkpoints")
     parser.add_argument("--log-every", type=int, default=10, help="print a few examples every this many steps")
     parser.add_argument("--save-every", type=int, default=100, help="write RUN_DIR/checkpoint every this many steps")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds Python, torch and the sampler: a CPU run repeats exactly")
     return parser
 
 
