@@ -289,15 +289,19 @@ def test_reward_model_scores_pool_each_conversation_at_its_last_token(smol_token
     assert batched.shape == (2,) and torch.allclose(batched, expected, atol=1e-5)
 
 
-def test_selfplay_step_runs_every_stage_with_a_tiny_model(tmp_path, smol_tokenizer):
+def tiny_selfplay(tmp_path, tokenizer, *extra):
     torch.manual_seed(0)
-    policy = LlamaForCausalLM(tiny_config(vocab_size=len(smol_tokenizer))).eval()
+    policy = LlamaForCausalLM(tiny_config(vocab_size=len(tokenizer))).eval()
     # make one token in eight a stop token, so that random text ends within a few tokens
-    policy.generation_config.eos_token_id = list(range(0, len(smol_tokenizer), 8))
+    policy.generation_config.eos_token_id = list(range(0, len(tokenizer), 8))
     args = options(tmp_path, "--num-queries", "3", "--num-generations", "2", "--max-query-tokens", "40",
-                   "--max-completion-length", "12", "--max-judge-tokens", "8", "--learning-rate", "1e-3")
-    selfplay = lsp.SelfPlay(args, policy, smol_tokenizer, lsp.freeze(copy.deepcopy(policy)))
-    before = [p.detach().clone() for p in policy.parameters()]
+                   "--max-completion-length", "12", "--max-judge-tokens", "8", "--learning-rate", "1e-3", *extra)
+    return lsp.SelfPlay(args, policy, tokenizer, lsp.freeze(copy.deepcopy(policy)))
+
+
+def test_selfplay_step_runs_every_stage_with_a_tiny_model(tmp_path, smol_tokenizer):
+    selfplay = tiny_selfplay(tmp_path, smol_tokenizer)
+    before = [p.detach().clone() for p in selfplay.policy.parameters()]
     metrics, episodes = selfplay.step()
     assert len(episodes) == 3 and 0 <= metrics["query_invalid_rate"] < 1
     answered = [e for e in episodes if e["query_status"] == "ok"]
@@ -306,9 +310,38 @@ def test_selfplay_step_runs_every_stage_with_a_tiny_model(tmp_path, smol_tokeniz
     assert metrics["reward_parse_failure_rate"] == metrics["judge_parse_failure_rate"] == 1.0
     assert all(0 <= score <= 7 for e in answered for score in e["rewards"] + e["self_rewards"])
     assert metrics["update_skipped"] == 0.0 and metrics["kl"] == 0.0  # the first step starts at pi_Ref
-    assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, selfplay.policy.parameters()))
     metrics, _ = selfplay.step()
     assert metrics.get("kl", 1.0) > 0  # after one update the policy has left the reference
+
+
+def test_same_seed_repeats_a_run_exactly(tmp_path, smol_tokenizer):
+    def two_steps(seed):
+        selfplay = tiny_selfplay(tmp_path, smol_tokenizer, "--seed", str(seed))
+        return [selfplay.step() for _ in range(2)]
+
+    def without_timings(run):
+        return [({k: v for k, v in metrics.items() if not k.startswith("time/")}, episodes) for metrics, episodes in run]
+    first = without_timings(two_steps(3))
+    assert first == without_timings(two_steps(3))
+    assert first != without_timings(two_steps(4))
+
+
+def test_gradient_checkpointing_gives_the_same_update(tiny_model):
+    args = lsp.parse_args(["--micro-batch-size", "2"])
+    results = []
+    for checkpointing in (False, True):
+        policy = copy.deepcopy(tiny_model)
+        if checkpointing:
+            policy.activation_checkpointing_enable()
+            assert policy.is_gradient_checkpointing
+        optimizer = torch.optim.SGD(policy.parameters(), lr=0.1)
+        _, _, loss, grad_norm = lsp.policy_update(policy, lsp.freeze(copy.deepcopy(tiny_model)), optimizer, PROMPTS,
+                                                  COMPLETIONS, torch.tensor([1.0, -0.5, 2.0]), torch.ones(3), args, 0)
+        results.append((loss, grad_norm, [p.detach().clone() for p in policy.parameters()]))
+    (loss, grad_norm, params), (loss_ckpt, grad_norm_ckpt, params_ckpt) = results
+    assert loss == pytest.approx(loss_ckpt, rel=1e-5) and grad_norm == pytest.approx(grad_norm_ckpt, rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(params, params_ckpt))
 
 
 # --- options and the script end to end ---------------------------------------------------------
