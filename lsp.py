@@ -46,7 +46,6 @@ import argparse
 import copy
 import importlib.util
 import json
-import random
 import re
 import sys
 import time
@@ -97,7 +96,7 @@ def build_parser():
     parser.add_argument("--out", default="runs/lsp", help="run directory for metrics, episodes and checkpoints")
     parser.add_argument("--log-every", type=int, default=10, help="print a few examples every this many steps")
     parser.add_argument("--save-every", type=int, default=100, help="write RUN_DIR/checkpoint every this many steps")
-    parser.add_argument("--seed", type=int, default=0, help="seeds Python, torch and the sampler: a CPU run repeats exactly")
+    parser.add_argument("--seed", type=int, default=0, help="seeds torch and the sampler: a CPU run repeats exactly")
     return parser
 
 
@@ -620,9 +619,10 @@ def save_checkpoint(policy, tokenizer, path):
 def show_example(step, episodes):
     for episode in episodes:
         if episode["query_status"] == "ok":
+            self_reward = "off" if episode["self_rewards"] is None else f"{episode['self_rewards'][0]:.2f}"
             tqdm.write(f"--- step {step} | query: {episode['query'][:400]!r}\n"
                        f"    answer: {episode['answers'][0][:400]!r}\n"
-                       f"    reward {episode['rewards'][0]:.3f} | self-reward {episode['self_rewards'] and episode['self_rewards'][0]}")
+                       f"    reward {episode['rewards'][0]:.3f} | self-reward {self_reward}")
             return
     tqdm.write(f"--- step {step}: no valid query ({[e['query_status'] for e in episodes]})")
 
@@ -656,7 +656,6 @@ def train(args, selfplay):
 
 def main(argv=None):
     args = parse_args(argv)
-    random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer, policy = load_model(args.model, AutoModelForCausalLM, device)

@@ -315,6 +315,15 @@ def test_selfplay_step_runs_every_stage_with_a_tiny_model(tmp_path, smol_tokeniz
     assert metrics.get("kl", 1.0) > 0  # after one update the policy has left the reference
 
 
+def test_lsp_zero_step_has_no_self_reward(tmp_path, smol_tokenizer, capsys):
+    metrics, episodes = tiny_selfplay(tmp_path, smol_tokenizer, "--no-self-reward").step()
+    answered = [e for e in episodes if e["query_status"] == "ok"]
+    assert answered and metrics["self_reward"] is None and "time/judge" not in metrics
+    assert all(e["self_rewards"] is None and e["judge_texts"] == [None, None] for e in answered)
+    lsp.show_example(1, episodes)
+    assert "self-reward off" in capsys.readouterr().out
+
+
 def test_same_seed_repeats_a_run_exactly(tmp_path, smol_tokenizer):
     def two_steps(seed):
         selfplay = tiny_selfplay(tmp_path, smol_tokenizer, "--seed", str(seed))
