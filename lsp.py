@@ -46,6 +46,7 @@ import argparse
 import copy
 import importlib.util
 import json
+import math
 import re
 import sys
 import time
@@ -439,7 +440,7 @@ def policy_update(policy, reference, optimizer, prompts, completions, advantages
         seq_kls.append(seq_kl.detach().cpu())
         lengths.append(completion_mask.sum(-1).cpu())
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item()
-    if torch.isfinite(torch.tensor(grad_norm)):
+    if math.isfinite(grad_norm):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     policy.eval()
@@ -588,7 +589,7 @@ class SelfPlay:
             "kl_solver": token_kl[num_queries:].mean().item(),
             "loss": loss,
             "grad_norm": grad_norm,
-            "update_skipped": float(not torch.isfinite(torch.tensor(grad_norm))),
+            "update_skipped": float(not math.isfinite(grad_norm)),
             **query_metrics,
             "answer_length": lengths[num_queries:].mean().item(),
             "answer_clipped_rate": sum(t[-1] not in self.stop_ids for t in answer_tokens) / num_answers,
