@@ -304,6 +304,15 @@ def unpad(completion_ids, completion_mask):
 # ---------------------------------------------------------------------------------------------
 
 
+LOGPROB_CHUNK_TOKENS = 1024  # [tokens, vocab] float32 logits are made this many tokens at a time
+
+
+def chunk_logprobs(lm_head, hidden, token_ids, temperature):
+    """log-softmax of the tokens token_ids [B, c] from hidden states [B, c, H]."""
+    logits = lm_head(hidden).float() / temperature  # [B, c, V]
+    return logits.gather(-1, token_ids[..., None]).squeeze(-1) - logits.logsumexp(-1)  # [B, c]
+
+
 def token_logprobs(model, prompts, completions, pad_id, temperature):
     """log pi(token | prefix) of every completion token, at the sampling temperature.
 
@@ -315,15 +324,20 @@ def token_logprobs(model, prompts, completions, pad_id, temperature):
     completion_ids, completion_mask = pad(completions, pad_id, "right", model.device)  # [B, T]
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [B, P+T]
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # [B, P+T]
-    num_completion = completion_ids.shape[1]
-    # the logit at position t predicts token t+1: keep the last T+1 positions and drop the final one
-    logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=positions_from_mask(attention_mask), use_cache=False,
-                   logits_to_keep=num_completion + 1).logits[:, :-1]  # [B, T, V]
-    logits = logits.float() / temperature  # [B, T, V]
-    chosen = logits.gather(-1, completion_ids[..., None]).squeeze(-1)  # [B, T]
-    logprobs = (chosen - logits.logsumexp(-1)) * completion_mask  # [B, T]
-    return logprobs, completion_mask
+    batch, num_completion = completion_ids.shape
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                              position_ids=positions_from_mask(attention_mask)).last_hidden_state
+    # the state at position t predicts token t+1: the T states before each completion token
+    hidden = hidden[:, -num_completion - 1:-1]  # [B, T, H]
+    # Logits of a 128k vocabulary in float32 take 0.5 MB per token, several GB per micro-batch, so
+    # they are made a chunk at a time; in training each chunk is recomputed in the backward pass
+    # instead of being kept, which costs one extra lm_head matmul per token.
+    width = max(1, LOGPROB_CHUNK_TOKENS // batch)
+    logprobs = torch.cat([
+        torch.utils.checkpoint.checkpoint(chunk_logprobs, model.lm_head, hidden[:, i:i + width],
+                                          completion_ids[:, i:i + width], temperature, use_reentrant=False)
+        for i in range(0, num_completion, width)], dim=1)  # [B, T]
+    return logprobs * completion_mask, completion_mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -817,10 +831,10 @@ def train(args, selfplay, start_step=0):
 # ---------------------------------------------------------------------------------------------
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def start(args):
+    """Load the models and return (SelfPlay, first step): a run in --out continues from its newest checkpoint."""
     out = Path(args.out)
-    saved = checkpoints(out)  # a run in --out continues from its newest checkpoint
+    saved = checkpoints(out)
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer, policy = load_model(str(saved[-1]) if saved else args.model, AutoModelForCausalLM, device)
@@ -846,18 +860,24 @@ def main(argv=None):
     write_atomically(out / "config.json", json.dumps({k: v for k, v in vars(args).items() if k != "resume"}, indent=1))
     for log in ("metrics.jsonl", "episodes.jsonl"):
         restore_log(out / log, start_step)
-    if start_step >= args.steps:
-        tqdm.write(f"{out} has already run {start_step} steps; pass a larger --steps to go on")
-        return
+    return selfplay, start_step
+
+
+def main(argv=None):
+    args = parse_args(argv)
     try:
+        selfplay, start_step = start(args)
+        if start_step >= args.steps:
+            tqdm.write(f"{args.out} has already run {start_step} steps; pass a larger --steps to go on")
+            return
         train(args, selfplay, start_step)
     except torch.OutOfMemoryError:
         sys.exit("error: out of GPU memory. Reduce memory with --gradient-checkpointing or a smaller "
                  "--micro-batch-size (both can be added when resuming: python lsp.py --resume "
-                 f"{out} --micro-batch-size 1), or start a new run with --load-in-4bit, fewer --num-generations "
-                 "or a smaller --max-completion-length.")
+                 f"{args.out} --micro-batch-size 1), or start a new run with --load-in-4bit, fewer "
+                 "--num-generations or a smaller --max-completion-length.")
     except KeyboardInterrupt:
-        sys.exit(f"stopped without saving; resume from the newest checkpoint with: python lsp.py --resume {out}")
+        sys.exit(f"stopped without saving; resume from the newest checkpoint with: python lsp.py --resume {args.out}")
 
 
 if __name__ == "__main__":

@@ -173,7 +173,9 @@ def test_tiny_top_p_keeps_only_the_most_likely_token(tiny_model):
 COMPLETIONS = [[20, 21, 1], [22], [23, 24, 25, 26]]
 
 
-def test_token_logprobs_equal_negative_cross_entropy(tiny_model):
+@pytest.mark.parametrize("chunk_tokens", [1024, 3, 6])  # one chunk; 1 and 2 positions per chunk
+def test_token_logprobs_equal_negative_cross_entropy(tiny_model, chunk_tokens, monkeypatch):
+    monkeypatch.setattr(lsp, "LOGPROB_CHUNK_TOKENS", chunk_tokens)
     temperature = 0.7
     logprobs, completion_mask = lsp.token_logprobs(tiny_model, PROMPTS, COMPLETIONS, 0, temperature)
     assert logprobs.shape == completion_mask.shape == (3, 4)
@@ -185,6 +187,16 @@ def test_token_logprobs_equal_negative_cross_entropy(tiny_model):
         assert torch.allclose(logprobs[row, :n], expected, atol=1e-5)
         assert completion_mask[row].tolist() == [1] * n + [0] * (4 - n)
         assert not logprobs[row, n:].any()
+
+
+def test_chunked_log_probs_give_the_same_gradient(tiny_model, monkeypatch):
+    grads = []
+    for chunk_tokens in (1024, 3):
+        monkeypatch.setattr(lsp, "LOGPROB_CHUNK_TOKENS", chunk_tokens)
+        tiny_model.zero_grad()
+        lsp.token_logprobs(tiny_model, PROMPTS, COMPLETIONS, 0, 0.7)[0].sum().backward()
+        grads.append([p.grad.clone() for p in tiny_model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
 
 
 def test_kl_is_zero_when_policy_equals_reference(tiny_model):
@@ -513,6 +525,16 @@ def test_a_signal_finishes_the_step_saves_and_says_how_to_resume(tmp_path, tiny_
                             env=OFFLINE, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == list(range(1, len(steps) + 2))
+
+
+def test_out_of_memory_stops_with_the_options_that_save_memory(tmp_path, tiny_model_dir, monkeypatch):
+    def out_of_memory(self):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(lsp.SelfPlay, "step", out_of_memory)
+    with pytest.raises(SystemExit) as exit_info:
+        lsp.main(["--model", str(tiny_model_dir), *TINY_RUN, "--out", str(tmp_path / "run")])
+    assert "out of GPU memory" in str(exit_info.value) and "--micro-batch-size 1" in str(exit_info.value)
+    assert (tmp_path / "run" / "config.json").exists()  # the run can be resumed with the smaller setting
 
 
 # --- options and the script end to end ---------------------------------------------------------
