@@ -175,6 +175,27 @@ def order_score(verdict, model_first):
     return score if model_first else 1.0 - score
 
 
+def both_orders(instructions, model_answers, baseline_answers):
+    """The judge's inputs (instruction, answer A, answer B): row 2i has the model's answer first,
+    row 2i + 1 the baseline's, so that a preference for one position cancels."""
+    return [triple for q, ours, theirs in zip(instructions, model_answers, baseline_answers)
+            for triple in ((q, ours, theirs), (q, theirs, ours))]
+
+
+def score_records(instructions, model_answers, baseline_answers, verdicts, texts, failed):
+    """One record per instruction from the judge's rows laid out by `both_orders`; its score is the
+    mean of the model's scores in the two orders: 0, .25, .5, .75 or 1."""
+    records = []
+    for i, instruction in enumerate(instructions):
+        record = {"instruction": instruction, "model_answer": model_answers[i], "baseline_answer": baseline_answers[i]}
+        for row, order in ((2 * i, "model_first"), (2 * i + 1, "baseline_first")):
+            record[order] = {"judge_text": texts[row], "verdict": verdicts[row], "parse_failed": failed[row],
+                             "score": order_score(verdicts[row], model_first=order == "model_first")}
+        record["score"] = (record["model_first"]["score"] + record["baseline_first"]["score"]) / 2
+        records.append(record)
+    return records
+
+
 def win_rate(scores):
     """(mean, low, high): the mean of per-instruction scores and its 95% interval, within [0, 1].
 
@@ -210,26 +231,13 @@ def evaluate(args):
         answers[role], clipped[role] = answer(model, tokenizer, instructions, args, f"answers ({role})")
         timings[role] = time.perf_counter() - clock
 
-    # both orders of instruction i sit at rows 2i (model first) and 2i + 1 (baseline first)
     tokenizer, judge = model_named(args.judge or args.baseline)
-    triples = []
-    for q, ours, theirs in zip(instructions, answers["model"], answers["baseline"]):
-        triples += [(q, ours, theirs), (q, theirs, ours)]
     clock = time.perf_counter()
+    triples = both_orders(instructions, answers["model"], answers["baseline"])
     verdicts, texts, failed = judge_pairs(judge, tokenizer, triples, args)
     timings["judge"] = time.perf_counter() - clock
 
-    records, order_scores = [], []
-    for i, instruction in enumerate(instructions):
-        record = {"instruction": instruction, "model_answer": answers["model"][i],
-                  "baseline_answer": answers["baseline"][i]}
-        for row, order in ((2 * i, "model_first"), (2 * i + 1, "baseline_first")):
-            score = order_score(verdicts[row], model_first=order == "model_first")
-            order_scores.append(score)
-            record[order] = {"judge_text": texts[row], "verdict": verdicts[row], "parse_failed": failed[row],
-                             "score": score}
-        record["score"] = (record["model_first"]["score"] + record["baseline_first"]["score"]) / 2
-        records.append(record)
+    records = score_records(instructions, answers["model"], answers["baseline"], verdicts, texts, failed)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(record) + "\n" for record in records))
@@ -240,6 +248,7 @@ def evaluate(args):
     print(f"\n{args.model} vs {args.baseline}, judged by {args.judge or args.baseline}: "
           f"{n} instructions, each judged in both orders")
     print(f"win rate {mean:.3f}  (95% interval {low:.3f} to {high:.3f}; a tie counts half)")
+    order_scores = [record[order]["score"] for record in records for order in ("model_first", "baseline_first")]
     print(f"judgements: {order_scores.count(1.0)} wins, {order_scores.count(0.5)} ties, "
           f"{order_scores.count(0.0)} losses of {judgements}; the first answer won "
           f"{decisive.count('A')} of {len(decisive)} decided (position bias)")

@@ -40,15 +40,21 @@ def test_a_verdict_scores_for_whichever_model_went_first():
     assert [evaluation.order_score(v, model_first=False) for v in ("A", "tie", "B")] == [0.0, 0.5, 1.0]
 
 
-def test_win_rate_on_worked_numbers():
-    # verdicts (model first, baseline first) for four instructions, and the model's scores:
-    # (A, B) wins twice -> 1; (A, tie) -> (1 + .5) / 2 = .75; (A, A) is the position winning
+def test_both_orders_verdicts_and_win_rate_on_worked_numbers():
+    instructions, ours, theirs = ["q1", "q2", "q3", "q4"], ["o1", "o2", "o3", "o4"], ["t1", "t2", "t3", "t4"]
+    triples = evaluation.both_orders(instructions, ours, theirs)
+    assert triples[:2] == [("q1", "o1", "t1"), ("q1", "t1", "o1")] and triples[7] == ("q4", "t4", "o4")
+    # verdicts (model first, baseline first) per instruction, and the model's score:
+    # (A, B) wins twice -> 1; (A, tie) -> (1 + .5) / 2 = .75; (A, A) the first position wins
     # both times -> (1 + 0) / 2 = .5; (B, A) loses twice -> 0
-    pairs = [("A", "B"), ("A", "tie"), ("A", "A"), ("B", "A")]
-    scores = [(evaluation.order_score(first, True) + evaluation.order_score(second, False)) / 2
-              for first, second in pairs]
-    assert scores == [1.0, 0.75, 0.5, 0.0]
-    mean, low, high = evaluation.win_rate(scores)
+    verdicts = ["A", "B", "A", "tie", "A", "A", "B", "A"]
+    texts, failed = [f"judge {row}" for row in range(8)], [False] * 7 + [True]
+    records = evaluation.score_records(instructions, ours, theirs, verdicts, texts, failed)
+    assert [r["score"] for r in records] == [1.0, 0.75, 0.5, 0.0]
+    assert records[1]["baseline_first"] == {"judge_text": "judge 3", "verdict": "tie", "parse_failed": False,
+                                            "score": 0.5}
+    assert records[3]["baseline_first"]["parse_failed"] and records[3]["model_answer"] == "o4"
+    mean, low, high = evaluation.win_rate([r["score"] for r in records])
     # mean .5625; sample sd sqrt(.546875 / 3) = .42696; half width 1.96 * .42696 / 2 = .41842
     assert mean == 0.5625
     assert low == pytest.approx(0.5625 - 0.41842, abs=1e-5) and high == pytest.approx(0.5625 + 0.41842, abs=1e-5)
