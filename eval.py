@@ -151,17 +151,21 @@ def judge_pairs(judge, tokenizer, triples, args):
     judged = greedy(judge, tokenizer, prompts, args.max_judge_tokens, args.batch_size, "judge")
     texts = tokenizer.batch_decode(judged, skip_special_tokens=True)
     verdicts = [parse_verdict(text) for text in texts]
-    failed = [i for i, verdict in enumerate(verdicts) if verdict is None]
+    parse_failed = [verdict is None for verdict in verdicts]
+    failed = [i for i, f in enumerate(parse_failed) if f]
     stop_ids, pad_id = special_ids(judge, tokenizer)
-    tag = tokenizer.encode("\n[[", add_special_tokens=False)
-    letters = [tokenizer.encode(letter, add_special_tokens=False)[-1] for letter in "AB"]
+    # the tokens "\n[[A" and "\n[[B" share, then the first where they differ: SmolLM2 splits "[[" from
+    # the letter, but tokenizers differ, and one may merge a bracket with the letter
+    tag_a, tag_b = (tokenizer.encode("\n[[" + letter, add_special_tokens=False) for letter in "AB")
+    shared = next(k for k, (a, b) in enumerate(zip(tag_a, tag_b)) if a != b)
+    letters = [tag_a[shared], tag_b[shared]]
     for start in range(0, len(failed), args.batch_size):
         rows = failed[start:start + args.batch_size]
-        sequences = [prompts[i] + [t for t in judged[i] if t not in stop_ids] + tag for i in rows]
+        sequences = [prompts[i] + [t for t in judged[i] if t not in stop_ids] + tag_a[:shared] for i in rows]
         logits = lsp.last_token_logits(judge, sequences, pad_id)[:, letters]  # [b, 2]: "A", "B"
         for i, (a, b) in zip(rows, logits.tolist()):
             verdicts[i] = "A" if a > b else "B" if b > a else "tie"
-    return verdicts, texts, [i in failed for i in range(len(texts))]
+    return verdicts, texts, parse_failed
 
 
 # ---------------------------------------------------------------------------------------------

