@@ -26,7 +26,7 @@ How `eval` scores, and the choices made:
        numbers comparable to the paper pass AlpacaEval's 805 instructions with --prompts.
 
 Run (from the repository root; `python eval.py ...` works the same):
-    python lsp.py eval --model runs/demo/checkpoint --baseline smollm2 --max-new-tokens 128
+    python lsp.py eval --model runs/demo/checkpoint-000003 --baseline smollm2 --max-new-tokens 128
     python lsp.py plot runs/demo
 """
 

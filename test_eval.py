@@ -234,7 +234,8 @@ def tiny_model_dirs(tmp_path_factory, smol_tokenizer):
                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                              pad_token_id=smol_tokenizer.pad_token_id, eos_token_id=smol_tokenizer.eos_token_id)
         path = tmp_path_factory.mktemp(f"tiny{seed}")
-        lsp.save_checkpoint(LlamaForCausalLM(config), smol_tokenizer, path)
+        LlamaForCausalLM(config).save_pretrained(path)
+        smol_tokenizer.save_pretrained(path)
         dirs.append(str(path))
     return dirs
 
