@@ -898,4 +898,10 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] in (["eval"], ["plot"]):
+        # `python lsp.py eval|plot ...` runs eval.py, imported only then; the alias keeps the name
+        # `eval` from shadowing Python's builtin eval()
+        from eval import main as eval_main
+        eval_main(sys.argv[1:])
+    else:
+        main()
