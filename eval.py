@@ -159,7 +159,7 @@ def judge_pairs(judge, tokenizer, triples, args):
     tag_a, tag_b = (tokenizer.encode("\n[[" + letter, add_special_tokens=False) for letter in "AB")
     shared = next(k for k, (a, b) in enumerate(zip(tag_a, tag_b)) if a != b)
     letters = [tag_a[shared], tag_b[shared]]
-    for start in range(0, len(failed), args.batch_size):
+    for start in tqdm(range(0, len(failed), args.batch_size), desc="judge, parse failures", dynamic_ncols=True):
         rows = failed[start:start + args.batch_size]
         sequences = [prompts[i] + [t for t in judged[i] if t not in stop_ids] + tag_a[:shared] for i in rows]
         logits = lsp.last_token_logits(judge, sequences, pad_id)[:, letters]  # [b, 2]: "A", "B"
