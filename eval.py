@@ -313,7 +313,7 @@ def plot(args):
     if not rows:
         sys.exit(f"error: {path} holds no steps")
     window = max(1, min(50, len(rows) // 10))
-    figure, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
+    figure, axes = plt.subplots(2, 3, figsize=(15, 8), sharex=True, constrained_layout=True)
     for ax, (title, names) in zip(axes.flat, PANELS):
         for color, name in zip(("C0", "C1", "C2"), names):
             # a step without the metric (null in LSP-Zero, NaN, or a step with no valid query) is left out
@@ -322,17 +322,18 @@ def plot(args):
             if not points:
                 continue
             steps, values = zip(*points)
-            ax.plot(steps, values, "o", color=color, alpha=0.3, markersize=3)
+            ax.plot(steps, values, "o", color=color, alpha=0.4, markersize=3)
             ax.plot(steps, moving_average(values, window), "-", color=color, label=name)
         ax.set_title(title)
-        if not ax.lines:  # e.g. the self-reward of an LSP-Zero run
-            ax.text(0.5, 0.5, "not logged in this run", ha="center", va="center", transform=ax.transAxes)
-            ax.set_xticks([]), ax.set_yticks([])
-            continue
-        ax.legend(fontsize=8)
-        ax.set_xlabel("step")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+        else:  # e.g. the self-reward of an LSP-Zero run
+            ax.text(0.5, 0.5, "not logged in this run", ha="center", va="center", transform=ax.transAxes)
+            ax.set_yticks([])
+    for ax in axes[-1]:
+        ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # shared by every panel
     figure.suptitle(f"{args.run_dir}: {len(rows)} steps; dots are steps, lines a {window}-step moving average")
     out = args.out or Path(args.run_dir) / "curves.png"
     figure.savefig(out, dpi=100)
