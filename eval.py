@@ -26,8 +26,9 @@ How `eval` scores, and the choices made:
        numbers comparable to the paper pass AlpacaEval's 805 instructions with --prompts.
 
 Run (from the repository root; `python eval.py ...` works the same):
-    python lsp.py eval --model runs/demo/checkpoint-000003 --baseline smollm2 --max-new-tokens 128
-    python lsp.py plot runs/demo
+    python lsp.py eval --model runs/demo/checkpoint-000003 --baseline smollm2 --max-new-tokens 128 \
+        --max-judge-tokens 32 --out runs/demo/verdicts.jsonl     # CPU, the demo run against its start
+    python lsp.py plot runs/demo                                   # runs/demo/curves.png
 """
 
 import argparse
