@@ -26,8 +26,9 @@ How `eval` scores, and the choices made:
        numbers comparable to the paper pass AlpacaEval's 805 instructions with --prompts.
 
 Run (from the repository root; `python eval.py ...` works the same):
-    python lsp.py eval --model runs/demo/checkpoint-000003 --baseline smollm2 --max-new-tokens 128
-    python lsp.py plot runs/demo
+    python lsp.py eval --model runs/demo/checkpoint-000003 --baseline smollm2 --max-new-tokens 128 \
+        --max-judge-tokens 32 --out runs/demo/verdicts.jsonl     # CPU, the demo run against its start
+    python lsp.py plot runs/demo                                   # runs/demo/curves.png
 """
 
 import argparse
@@ -159,7 +160,7 @@ def judge_pairs(judge, tokenizer, triples, args):
     tag_a, tag_b = (tokenizer.encode("\n[[" + letter, add_special_tokens=False) for letter in "AB")
     shared = next(k for k, (a, b) in enumerate(zip(tag_a, tag_b)) if a != b)
     letters = [tag_a[shared], tag_b[shared]]
-    for start in range(0, len(failed), args.batch_size):
+    for start in tqdm(range(0, len(failed), args.batch_size), desc="judge, parse failures", dynamic_ncols=True):
         rows = failed[start:start + args.batch_size]
         sequences = [prompts[i] + [t for t in judged[i] if t not in stop_ids] + tag_a[:shared] for i in rows]
         logits = lsp.last_token_logits(judge, sequences, pad_id)[:, letters]  # [b, 2]: "A", "B"
@@ -313,7 +314,7 @@ def plot(args):
     if not rows:
         sys.exit(f"error: {path} holds no steps")
     window = max(1, min(50, len(rows) // 10))
-    figure, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
+    figure, axes = plt.subplots(2, 3, figsize=(15, 8), sharex=True, constrained_layout=True)
     for ax, (title, names) in zip(axes.flat, PANELS):
         for color, name in zip(("C0", "C1", "C2"), names):
             # a step without the metric (null in LSP-Zero, NaN, or a step with no valid query) is left out
@@ -322,17 +323,18 @@ def plot(args):
             if not points:
                 continue
             steps, values = zip(*points)
-            ax.plot(steps, values, "o", color=color, alpha=0.3, markersize=3)
+            ax.plot(steps, values, "o", color=color, alpha=0.4, markersize=3)
             ax.plot(steps, moving_average(values, window), "-", color=color, label=name)
         ax.set_title(title)
-        if not ax.lines:  # e.g. the self-reward of an LSP-Zero run
-            ax.text(0.5, 0.5, "not logged in this run", ha="center", va="center", transform=ax.transAxes)
-            ax.set_xticks([]), ax.set_yticks([])
-            continue
-        ax.legend(fontsize=8)
-        ax.set_xlabel("step")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+        else:  # e.g. the self-reward of an LSP-Zero run
+            ax.text(0.5, 0.5, "not logged in this run", ha="center", va="center", transform=ax.transAxes)
+            ax.set_yticks([])
+    for ax in axes[-1]:
+        ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # shared by every panel
     figure.suptitle(f"{args.run_dir}: {len(rows)} steps; dots are steps, lines a {window}-step moving average")
     out = args.out or Path(args.run_dir) / "curves.png"
     figure.savefig(out, dpi=100)
