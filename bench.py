@@ -3,8 +3,8 @@ Measure the LSP trainer's speed and memory, and print one markdown table (for th
 
     1. Sampler tokens/s: our `lsp.sample` against `model.generate`, side by side in one run, on the
        same model and the same batch of chat prompts of different lengths (left-padded). Both are
-       greedy and both produce exactly --new-tokens tokens per row: our sampler gets no stop ids,
-       `generate` gets min_new_tokens, which bans its EOS until then. One warm-up round, then the
+       greedy and both produce exactly the preset's number of new tokens per row: our sampler gets
+       no stop ids, `generate` gets min_new_tokens, which bans its EOS until then. One warm-up, then the
        best of --repeats rounds (the two alternate, so neither gets a quieter machine). Only
        generated tokens count: batch x new tokens, per second of wall time (synchronized on CUDA).
        On a GPU also the memory-bandwidth floor: each decode step reads every weight once and the
@@ -242,11 +242,11 @@ def main(argv=None):
             metrics, _ = selfplay.step()
             synchronize(device)
             total = time.perf_counter() - start
-        rows += [(f"LSP iteration: {phase}", f"{metrics[f'time/{phase}']:.2f} s")
+        rows += [(f"LSP iteration: {phase}", f"{metrics[f'time/{phase}']:.3g} s")
                  for phase in ("challenger", "solver", "reward", "judge", "update") if f"time/{phase}" in metrics]
         if metrics["update_skipped"]:  # no optimizer step: its time and its 8-bit states are missing
             rows[-1] = (rows[-1][0], rows[-1][1] + " (optimizer step skipped: non-finite gradient)")
-        rows.append(("LSP iteration: total", f"{total:.2f} s"))
+        rows.append(("LSP iteration: total", f"{total:.3g} s"))
         target = " (target 22 GiB)" if cuda else ""
         rows.append(("peak memory, LSP iteration", peak_memory(device) + target))
 

@@ -18,7 +18,7 @@ def test_tiny_preset_prints_a_table_of_finite_positive_numbers():
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     assert lines[:2] == ["| measurement | value |", "|---|---|"]
-    rows = dict(line.strip("|").split(" | ", 1) for line in lines[2:])
+    rows = dict(line.strip("| ").split(" | ", 1) for line in lines[2:])
     assert rows["device"] and re.fullmatch(r"\S+ / \S+", rows["torch / transformers"])
     sampler = "sampler, batch 4, prompts "
     timed = [name for name in rows if name.startswith(sampler)]
