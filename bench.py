@@ -1,0 +1,259 @@
+"""
+Measure the LSP trainer's speed and memory, and print one markdown table (for the README).
+
+    1. Sampler tokens/s: our `lsp.sample` against `model.generate`, side by side in one run, on the
+       same model and the same batch of chat prompts of different lengths (left-padded). Both are
+       greedy and both produce exactly the preset's number of new tokens per row: our sampler gets
+       no stop ids, `generate` gets min_new_tokens, which bans its EOS until then. One warm-up, then the
+       best of --repeats rounds (the two alternate, so neither gets a quieter machine). Only
+       generated tokens count: batch x new tokens, per second of wall time (synchronized on CUDA).
+       On a GPU also the memory-bandwidth floor: each decode step reads every weight once and the
+       KV cache of the whole batch, so tokens/s <= batch * bandwidth / (weight bytes + KV bytes).
+    2. One LSP iteration (`lsp.SelfPlay.step`) split into its phases: challenger, solver, reward,
+       judge, update, and the total. The options are the trainer's own (`lsp.parse_args`). Every
+       sequence runs to its length limit (no stop ids, every query valid): the worst case, which
+       is what a time and memory budget must hold, and what random weights need to get past step 1.
+       A warm-up iteration runs first; the second one is reported.
+    3. Peak memory: on CUDA the largest `torch.cuda.max_memory_allocated()` of each part (the
+       iteration against a 22 GiB target: a 24 GB card less the CUDA context and fragmentation); on
+       a CPU the process's peak resident set size (RSS) so far, which includes Python and libraries.
+
+Presets:
+    cpu   SmolLM2-135M-Instruct (real weights), batch 16, 64 new tokens; a small iteration judged
+          by the model itself (--reward-model self)
+    gpu   random weights in the Llama-3.2-3B shape, bf16, batches 32 and 64, 256 new tokens; a
+          paper-sized iteration (8 queries, 4 answers, 256/512/256 tokens) with a reward model of
+          the same shape and a 1-output head. Saved and loaded through `lsp.load_model`.
+    tiny  a tiny random Llama with SmolLM2's tokenizer; seconds. Used by test_bench.py.
+
+Run (offline: HF_HUB_OFFLINE=1; options after `--` go to the trainer):
+    OMP_WAIT_POLICY=PASSIVE python bench.py --preset cpu   # see the note below
+    python bench.py --preset gpu
+    python bench.py --preset gpu -- --load-in-4bit --gradient-checkpointing --micro-batch-size 1
+
+On a CPU that other processes share, PyTorch's OpenMP threads spin while they wait for each other
+and lose their cores: on 2 busy cores a [16, 576] x [576, 1536] matmul took 12 ms instead of 0.6 ms.
+OMP_WAIT_POLICY=PASSIVE (or fewer threads, OMP_NUM_THREADS) avoids it; the table shows the setting.
+"""
+
+import argparse
+import copy
+import os
+import platform
+import resource
+import tempfile
+import time
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig
+
+import lsp
+
+LLAMA_3B = dict(hidden_size=3072, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8,
+                head_dim=128, intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True,
+                rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=8192)
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+            intermediate_size=64, vocab_size=49152 + 64, tie_word_embeddings=True)  # 64 ids past the tokenizer
+
+# model: 'smollm2' or a Llama shape with random weights; prompt_tokens: the range of user-turn lengths;
+# trainer: options for lsp.parse_args (the reward model defaults to the policy's shape with a 1-output head)
+PRESETS = {
+    "cpu": dict(model="smollm2", name="SmolLM2-135M-Instruct, real weights", batch_sizes=[16], new_tokens=64, prompt_tokens=(20, 80),
+                trainer=["--reward-model", "self", "--num-queries", "4", "--num-generations", "2",
+                         "--max-query-tokens", "64", "--max-completion-length", "64", "--max-judge-tokens", "64"]),
+    "gpu": dict(model=LLAMA_3B, name="Llama-3.2-3B shape, random weights", batch_sizes=[32, 64], new_tokens=256,
+                prompt_tokens=(70, 120), trainer=[]),
+    "tiny": dict(model=TINY, name="tiny Llama, random weights", batch_sizes=[4], new_tokens=8, prompt_tokens=(5, 20),
+                 trainer=["--num-queries", "2", "--num-generations", "2", "--max-query-tokens", "8",
+                          "--max-completion-length", "8", "--max-judge-tokens", "8"]),
+}
+# HBM bandwidth in TB/s, by a substring of torch.cuda.get_device_name(); the first match wins
+BANDWIDTH_TB_S = [("H100 PCIe", 2.0), ("H100 NVL", 3.9), ("H100", 3.35), ("H200", 4.8), ("RTX 4090", 1.01)]
+GIB = 2 ** 30
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with open("/proc/cpuinfo") as cpuinfo:  # Linux; platform.processor() is often empty there
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+    wait_policy = os.environ.get("OMP_WAIT_POLICY")
+    return (f"{names[0] if names else platform.processor()}, {torch.get_num_threads()} threads"
+            + (f", OMP_WAIT_POLICY={wait_policy}" if wait_policy else ""))
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device):
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / GIB:.2f} GiB (CUDA, allocated)"
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return f"{rss_kib / 2 ** 20:.2f} GiB (peak RSS of the process so far)"
+
+
+def save_random_model(shape, directory, device):
+    """A random-weight Llama of this shape and SmolLM2's tokenizer, saved as a checkpoint directory.
+
+    The tokenizer gets one added token per id past its vocabulary ("<x60000>"), so that whatever the
+    random model samples decodes to text that encodes back to as many tokens: the reward model and
+    the judge then see sequences as long as the ones sampled. num_labels=1 lets the same directory
+    load as a reward model (AutoModelForSequenceClassification: this body and a new 1-output head).
+    """
+    path, kwargs = lsp.resolve_model("smollm2")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, gguf_file=kwargs["gguf_file"])
+    tokenizer.add_tokens([f"<x{i}>" for i in range(len(tokenizer), shape["vocab_size"])])
+    config = LlamaConfig(**shape, num_labels=1, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    with torch.device(device):  # initializing 3B weights on the GPU takes seconds, on a CPU minutes
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if device.type == "cuda" else None)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def chat_prompts(tokenizer, batch, shortest, longest):
+    """`batch` chat prompts whose user turns hold shortest..longest tokens of English text, evenly
+    spread, so the batch is left-padded; each row starts at a different word."""
+    text_ids = tokenizer(lsp.__doc__, add_special_tokens=False).input_ids
+    lengths = torch.linspace(shortest, longest, batch).round().int().tolist()
+    return [lsp.chat_prompt(tokenizer, tokenizer.decode(text_ids[row:row + n])) for row, n in enumerate(lengths)]
+
+
+def compare_samplers(model, prompts, new_tokens, pad_id, repeats):
+    """Generated tokens per second of lsp.sample and model.generate, greedy, exactly new_tokens per row."""
+    input_ids, attention_mask = lsp.pad(prompts, pad_id, "left", model.device)  # [B, P]
+    runs = {
+        "lsp.sample": lambda: lsp.sample(model, prompts, new_tokens, [], pad_id, temperature=0)[0],
+        "model.generate": lambda: model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens, pad_token_id=pad_id)[:, input_ids.shape[1]:],
+    }
+    best = {name: float("inf") for name in runs}
+    for round_ in range(repeats + 1):  # round 0 is the warm-up
+        for name, run in runs.items():
+            synchronize(model.device)
+            start = time.perf_counter()
+            completion_ids = run()  # [B, new_tokens]
+            synchronize(model.device)
+            seconds = time.perf_counter() - start
+            assert completion_ids.shape == (len(prompts), new_tokens), (name, completion_ids.shape)
+            if round_ > 0:
+                best[name] = min(best[name], seconds)
+    return {name: len(prompts) * new_tokens / seconds for name, seconds in best.items()}
+
+
+def bandwidth_floor(model, batch, context, bandwidth):
+    """Most tokens/s a decode step can give when reading weights + the batch's KV cache at this bandwidth (B/s)."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights count once
+    kv_bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * model.dtype.itemsize
+    return batch * bandwidth / (weight_bytes + batch * context * kv_bytes_per_token)
+
+
+def build_selfplay(args, policy, tokenizer, device):
+    """The frozen reference and the reward model next to the policy, as lsp.main builds them."""
+    if args.gradient_checkpointing:
+        policy.activation_checkpointing_enable()
+    reference = lsp.freeze(lsp.load_model(args.model, AutoModelForCausalLM, device, load_in_4bit=True)[1]
+                           if args.load_in_4bit else copy.deepcopy(policy))
+    reward_model = reward_tokenizer = None
+    if args.reward_model != "self":
+        reward_tokenizer, reward_model = lsp.load_model(args.reward_model, AutoModelForSequenceClassification,
+                                                        device, load_in_4bit=args.load_in_4bit)
+        lsp.freeze(reward_model)
+    selfplay = lsp.SelfPlay(args, policy, tokenizer, reference, reward_model, reward_tokenizer)
+    # The worst case: every sequence runs to its length limit and every query is answered. Random
+    # weights would otherwise never stop a query, the step would count them all as truncated and
+    # return after the Challenger; real weights would make the amount of work vary from run to run.
+    selfplay.stop_ids = []
+    lsp.read_query = lambda tokenizer, tokens, stop_ids: (tokenizer.decode(tokens, skip_special_tokens=True), "ok")
+    return selfplay
+
+
+def main(argv=None):
+    cuda = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser.add_argument("--preset", choices=PRESETS, default="gpu" if cuda else "cpu")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds of each sampler after the warm-up")
+    parser.add_argument("--bandwidth", type=float, help="memory bandwidth in TB/s for the floor (default: by GPU name)")
+    parser.add_argument("--skip-step", action="store_true", help="measure the samplers only")
+    parser.add_argument("trainer_options", nargs="*", help="after --: options for lsp.py, e.g. -- --load-in-4bit")
+    options = parser.parse_args(argv)
+    preset, device = PRESETS[options.preset], torch.device("cuda" if cuda else "cpu")
+    transformers.logging.set_verbosity_error()  # the reward head is new by design: no warning about it
+    transformers.logging.disable_progress_bar()
+    workdir = tempfile.TemporaryDirectory()
+    model = preset["model"] if preset["model"] == "smollm2" else workdir.name
+    if model == workdir.name:
+        save_random_model(preset["model"], model, device)
+    # later options win: the preset's over these, the user's over the preset's
+    args = lsp.parse_args(["--model", model, "--reward-model", model, "--out", workdir.name, *preset["trainer"],
+                           *options.trainer_options])  # bad trainer options stop here, before the long part
+    tokenizer, policy = lsp.load_model(args.model, AutoModelForCausalLM, device)
+    policy.eval()
+    device_text = device_name(device)
+    rows = [("device", device_text),
+            ("torch / transformers", f"{torch.__version__} / {transformers.__version__}"),
+            ("model", f"{preset['name']}, {sum(p.numel() for p in policy.parameters()) / 1e6:,.0f}M parameters, "
+                      f"{policy.dtype}".replace("torch.", ""))]
+
+    # 1. Samplers, side by side
+    bandwidth = options.bandwidth
+    if bandwidth is None and cuda:
+        bandwidth = next((tb for name, tb in BANDWIDTH_TB_S if name in device_text), None)
+    new_tokens = preset["new_tokens"]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else lsp.stop_token_ids(policy, tokenizer)[0]
+    reset_peak_memory(device)
+    for batch in preset["batch_sizes"]:
+        prompts = chat_prompts(tokenizer, batch, *preset["prompt_tokens"])
+        lengths = [len(p) for p in prompts]
+        speed = compare_samplers(policy, prompts, new_tokens, pad_id, options.repeats)
+        name = f"sampler, batch {batch}, prompts {min(lengths)}-{max(lengths)} tokens, {new_tokens} new tokens"
+        rows += [(f"{name}: {runner}", f"{tokens_per_s:,.0f} tok/s") for runner, tokens_per_s in speed.items()]
+        rows.append((f"{name}: ours / generate", f"{speed['lsp.sample'] / speed['model.generate']:.2f}"))
+        if bandwidth:
+            context = sum(lengths) / batch + new_tokens / 2  # mean tokens in the cache over the decode
+            floor = bandwidth_floor(policy, batch, context, bandwidth * 1e12)
+            rows.append((f"{name}: bandwidth floor at {bandwidth} TB/s",
+                         f"{floor:,.0f} tok/s (ours at {speed['lsp.sample'] / floor:.0%} of it)"))
+    rows.append(("peak memory, samplers", peak_memory(device)))
+
+    # 2. One LSP iteration, after a warm-up iteration
+    if not options.skip_step:
+        selfplay = build_selfplay(args, policy, tokenizer, device)
+        reward = "self-judged" if args.reward_model == "self" else "reward model of the same shape"
+        rows.append(("LSP iteration settings", f"{args.num_queries} queries x {args.num_generations} answers, "
+                     f"{args.max_query_tokens}/{args.max_completion_length}/{args.max_judge_tokens} query/answer/judge "
+                     f"tokens, {reward}, extra options: {' '.join(options.trainer_options) or 'none'}"))
+        reset_peak_memory(device)
+        for _ in range(2):
+            synchronize(device)
+            start = time.perf_counter()
+            metrics, _ = selfplay.step()
+            synchronize(device)
+            total = time.perf_counter() - start
+        rows += [(f"LSP iteration: {phase}", f"{metrics[f'time/{phase}']:.3g} s")
+                 for phase in ("challenger", "solver", "reward", "judge", "update") if f"time/{phase}" in metrics]
+        if metrics["update_skipped"]:  # no optimizer step: its time and its 8-bit states are missing
+            rows[-1] = (rows[-1][0], rows[-1][1] + " (optimizer step skipped: non-finite gradient)")
+        rows.append(("LSP iteration: total", f"{total:.3g} s"))
+        target = " (target 22 GiB)" if cuda else ""
+        rows.append(("peak memory, LSP iteration", peak_memory(device) + target))
+
+    print("| measurement | value |\n|---|---|")
+    for name, value in rows:
+        print(f"| {name} | {value} |")
+
+
+if __name__ == "__main__":
+    main()

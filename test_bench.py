@@ -1,0 +1,31 @@
+"""Test for bench.py: the tiny preset end to end in a subprocess. It checks the table's rows and that
+every number is finite and positive; timings and their ratios are never asserted."""
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).parent
+NUMBER = re.compile(r"-?[\d,]*\.?\d+|nan|inf", re.IGNORECASE)
+
+
+def test_tiny_preset_prints_a_table_of_finite_positive_numbers():
+    result = subprocess.run([sys.executable, str(HERE / "bench.py"), "--preset", "tiny", "--repeats", "1"],
+                            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[:2] == ["| measurement | value |", "|---|---|"]
+    rows = dict(line.strip("| ").split(" | ", 1) for line in lines[2:])
+    assert rows["device"] and re.fullmatch(r"\S+ / \S+", rows["torch / transformers"])
+    sampler = "sampler, batch 4, prompts "
+    timed = [name for name in rows if name.startswith(sampler)]
+    assert [name.rsplit(": ", 1)[1] for name in timed] == ["lsp.sample", "model.generate", "ours / generate"]
+    phases = ["challenger", "solver", "reward", "judge", "update", "total"]
+    timed += [f"LSP iteration: {phase}" for phase in phases] + ["peak memory, samplers", "peak memory, LSP iteration"]
+    for name in timed:
+        value = float(NUMBER.search(rows[name]).group().replace(",", ""))
+        assert math.isfinite(value) and value > 0, (name, rows[name])
+    assert "2 queries x 2 answers" in rows["LSP iteration settings"]
