@@ -40,6 +40,7 @@ Run:
         --num-generations 2 --max-query-tokens 96 --max-completion-length 64 \
         --max-judge-tokens 64 --temperature 0.7 --log-every 1 --out runs/demo   # CPU demo
     python lsp.py --steps 1500 --out runs/llama3b                              # Llama-3.2-3B, GPU
+    python lsp.py --resume runs/llama3b                                        # after Ctrl-C or a crash
 """
 
 import argparse
@@ -47,12 +48,17 @@ import copy
 import importlib.util
 import json
 import math
+import os
+import random
 import re
+import shutil
+import signal
 import sys
 import time
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants as hub_constants, try_to_load_from_cache
 from tqdm import tqdm
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
                           BitsAndBytesConfig, GgufConfig)
@@ -94,19 +100,34 @@ def build_parser():
     parser.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward/backward in the update")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward to save memory")
     # outputs
-    parser.add_argument("--out", default="runs/lsp", help="run directory for metrics, episodes and checkpoints")
+    parser.add_argument("--out", default="runs/lsp",
+                        help="run directory for metrics, episodes and checkpoints; an existing run there is resumed")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved options")
     parser.add_argument("--log-every", type=int, default=10, help="print a few examples every this many steps")
-    parser.add_argument("--save-every", type=int, default=100, help="write RUN_DIR/checkpoint every this many steps")
+    parser.add_argument("--save-every", type=int, default=100, help="write RUN_DIR/checkpoint-STEP every this many steps")
+    parser.add_argument("--keep", type=int, default=3, help="keep only the newest this many checkpoints")
     parser.add_argument("--seed", type=int, default=0, help="seeds torch and the sampler: a CPU run repeats exactly")
     return parser
+
+
+# options that may differ when a run is resumed: they change neither the models nor the algorithm
+RESUMABLE_CHANGES = {"steps", "log_every", "save_every", "keep", "micro_batch_size", "gradient_checkpointing",
+                     "out", "resume"}
 
 
 def parse_args(argv=None):
     """Parse and check the options before any model is loaded; bad ones exit with a message."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.resume:  # the run's saved options become the defaults; options given here override them
+        config = Path(args.resume) / "config.json"
+        if not config.exists():
+            parser.error(f"--resume {args.resume}: no run there ({config} is missing)")
+        parser.set_defaults(**json.loads(config.read_text()))
+        args = parser.parse_args(argv)
+        args.out = args.resume
     positive = ["num_queries", "num_generations", "max_query_tokens", "max_completion_length", "max_judge_tokens",
-                "steps", "micro_batch_size", "log_every", "save_every"]
+                "steps", "micro_batch_size", "log_every", "save_every", "keep"]
     for name in positive:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -121,9 +142,43 @@ def parse_args(argv=None):
         parser.error("--top-p must be in (0, 1]")
     if args.load_in_4bit and not torch.cuda.is_available():
         parser.error("--load-in-4bit needs a CUDA GPU (bitsandbytes NF4); drop it on a CPU")
-    if (Path(args.out) / "metrics.jsonl").exists():
-        parser.error(f"{args.out} already holds a run (metrics.jsonl); choose another --out or delete it")
+    for option, name in (("--model", args.model), ("--reward-model", args.reward_model)):
+        problem = None if name == "self" and option == "--reward-model" else model_name_problem(name)
+        if problem:
+            parser.error(f"{option} {name}: {problem}")
+    problem = run_dir_problem(Path(args.out), args)
+    if problem:
+        parser.error(problem)
     return args
+
+
+def model_name_problem(name):
+    """Why a --model / --reward-model value cannot name a model, or None; checked before loading anything."""
+    if name == "smollm2":
+        return None  # resolve_model checks that its package is installed
+    if Path(name).is_dir():
+        return None if (Path(name) / "config.json").exists() else "this directory has no config.json: not a model"
+    if name.startswith((".", "/")) or name.count("/") != 1:
+        return ("no such directory, and not a Hugging Face hub id of the form org/name "
+                "(e.g. meta-llama/Llama-3.2-3B-Instruct); --model smollm2 runs offline")
+    if hub_constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return "not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it"
+    return None
+
+
+def run_dir_problem(out, args):
+    """Why --out cannot hold this run, or None. A directory of the same run is resumed, not overwritten."""
+    config = out / "config.json"
+    if config.exists():
+        saved = json.loads(config.read_text())
+        changed = [f"--{name.replace('_', '-')} {saved[name]!r} (now {value!r})" for name, value in vars(args).items()
+                   if name in saved and name not in RESUMABLE_CHANGES and saved[name] != value]
+        if changed:
+            return (f"{out} holds a run started with other options: {', '.join(changed)}. Continue it with "
+                    f"`python lsp.py --resume {out}`, or choose another --out.")
+    elif out.exists() and any(out.iterdir()):
+        return f"{out} is not empty and holds no LSP run (no config.json); choose another --out"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,6 +304,15 @@ def unpad(completion_ids, completion_mask):
 # ---------------------------------------------------------------------------------------------
 
 
+LOGPROB_CHUNK_TOKENS = 1024  # [tokens, vocab] float32 logits are made this many tokens at a time
+
+
+def chunk_logprobs(lm_head, hidden, token_ids, temperature):
+    """log-softmax of the tokens token_ids [B, c] from hidden states [B, c, H]."""
+    logits = lm_head(hidden).float() / temperature  # [B, c, V]
+    return logits.gather(-1, token_ids[..., None]).squeeze(-1) - logits.logsumexp(-1)  # [B, c]
+
+
 def token_logprobs(model, prompts, completions, pad_id, temperature):
     """log pi(token | prefix) of every completion token, at the sampling temperature.
 
@@ -260,15 +324,20 @@ def token_logprobs(model, prompts, completions, pad_id, temperature):
     completion_ids, completion_mask = pad(completions, pad_id, "right", model.device)  # [B, T]
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [B, P+T]
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # [B, P+T]
-    num_completion = completion_ids.shape[1]
-    # the logit at position t predicts token t+1: keep the last T+1 positions and drop the final one
-    logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=positions_from_mask(attention_mask), use_cache=False,
-                   logits_to_keep=num_completion + 1).logits[:, :-1]  # [B, T, V]
-    logits = logits.float() / temperature  # [B, T, V]
-    chosen = logits.gather(-1, completion_ids[..., None]).squeeze(-1)  # [B, T]
-    logprobs = (chosen - logits.logsumexp(-1)) * completion_mask  # [B, T]
-    return logprobs, completion_mask
+    batch, num_completion = completion_ids.shape
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                              position_ids=positions_from_mask(attention_mask)).last_hidden_state
+    # the state at position t predicts token t+1: the T states before each completion token
+    hidden = hidden[:, -num_completion - 1:-1]  # [B, T, H]
+    # Logits of a 128k vocabulary in float32 take 0.5 MB per token, several GB per micro-batch, so
+    # they are made a chunk at a time; in training each chunk is recomputed in the backward pass
+    # instead of being kept, which costs one extra lm_head matmul per token.
+    width = max(1, LOGPROB_CHUNK_TOKENS // batch)
+    logprobs = torch.cat([
+        torch.utils.checkpoint.checkpoint(chunk_logprobs, model.lm_head, hidden[:, i:i + width],
+                                          completion_ids[:, i:i + width], temperature, use_reentrant=False)
+        for i in range(0, num_completion, width)], dim=1)  # [B, T]
+    return logprobs * completion_mask, completion_mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,7 +489,7 @@ def policy_update(policy, reference, optimizer, prompts, completions, advantages
     and KL(s) are sums over its tokens: weights are 1/(N G) for answers and alpha_Ch / N for
     queries (Eq. loss). On-policy, the paper's pi / stopgrad(pi) * A has the gradient of
     A * log pi, which is what we differentiate. Returns per-sequence KL [S] and lengths [S],
-    the loss, and the gradient norm; a non-finite gradient skips the step.
+    the loss, and the gradient norm; a non-finite loss or gradient skips the step.
     """
     policy.train()  # activation checkpointing only runs in train mode; Llama has no dropout
     optimizer.zero_grad(set_to_none=True)
@@ -440,7 +509,7 @@ def policy_update(policy, reference, optimizer, prompts, completions, advantages
         seq_kls.append(seq_kl.detach().cpu())
         lengths.append(completion_mask.sum(-1).cpu())
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item()
-    if math.isfinite(grad_norm):
+    if math.isfinite(total_loss) and math.isfinite(grad_norm):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     policy.eval()
@@ -499,6 +568,20 @@ class SelfPlay:
                           if policy.device.type == "cuda" else
                           torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0))
         self.challenger_prompt = chat_prompt(tokenizer, challenger_text(args.task, args.template))
+
+    def state_dict(self):
+        """All a resumed run needs besides the weights to continue exactly as if never stopped."""
+        return {"optimizer": self.optimizer.state_dict(), "sampler_rng": self.generator.get_state(),
+                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    def load_state_dict(self, state):
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["sampler_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        if state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
 
     def roll_out(self, prompts, max_tokens):
         """Sample with the policy at the training temperature; token lists of every completion."""
@@ -573,6 +656,7 @@ class SelfPlay:
             args=args, pad_id=self.pad_id)
         lap("update")
 
+        nonfinite = not (math.isfinite(loss) and math.isfinite(grad_norm))  # policy_update skipped the step
         token_kl = seq_kl / lengths  # [S]: mean KL per token of each sequence
         challenger_rewards = -rewards.mean(1) + (0 if quality is None else quality.mean(1))  # [Nv]
         metrics = {
@@ -589,7 +673,8 @@ class SelfPlay:
             "kl_solver": token_kl[num_queries:].mean().item(),
             "loss": loss,
             "grad_norm": grad_norm,
-            "update_skipped": float(not math.isfinite(grad_norm)),
+            "update_skipped": float(nonfinite),
+            "nonfinite_update": float(nonfinite),
             **query_metrics,
             "answer_length": lengths[num_queries:].mean().item(),
             "answer_clipped_rate": sum(t[-1] not in self.stop_ids for t in answer_tokens) / num_answers,
@@ -611,12 +696,6 @@ class SelfPlay:
         return metrics, episodes
 
 
-def save_checkpoint(policy, tokenizer, path):
-    """A directory that AutoModelForCausalLM.from_pretrained and AutoTokenizer load directly."""
-    policy.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-
-
 def show_example(step, episodes):
     for episode in episodes:
         if episode["query_status"] == "ok":
@@ -628,26 +707,123 @@ def show_example(step, episodes):
     tqdm.write(f"--- step {step}: no valid query ({[e['query_status'] for e in episodes]})")
 
 
-def train(args, selfplay):
+def json_line(record):
+    # NaN and inf are not JSON: the loss of a skipped non-finite update is written as null
+    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                       for k, v in record.items()}) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and resuming
+# ---------------------------------------------------------------------------------------------
+
+
+def write_atomically(path, text):
+    # a reader, or a kill, sees the old file or the new one, never half of one
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def checkpoints(out):
+    """The run's complete checkpoint directories, oldest first (one being written ends in .tmp)."""
+    return sorted(out.glob("checkpoint-*[0-9]"), key=lambda path: int(path.name.split("-")[1]))
+
+
+def save_checkpoint(selfplay, out, step, keep):
+    """Write RUN_DIR/checkpoint-STEP: weights and tokenizer that from_pretrained loads directly, and
+    trainer_state.pt with the optimizer, the step and every RNG. All of it goes to a .tmp directory
+    that is renamed only when complete, so a kill while saving leaves the previous checkpoint intact."""
+    final = out / f"checkpoint-{step:06d}"
+    partial = final.with_name(final.name + ".tmp")
+    shutil.rmtree(partial, ignore_errors=True)  # left over by a save that was killed
+    selfplay.policy.save_pretrained(partial)
+    selfplay.tokenizer.save_pretrained(partial)
+    torch.save({"step": step, **selfplay.state_dict()}, partial / "trainer_state.pt")
+    if hasattr(os, "sync"):
+        os.sync()  # on disk before the rename makes it visible: survives a power cut too
+    os.replace(partial, final)
+    for old in checkpoints(out)[:-keep]:
+        shutil.rmtree(old)
+
+
+def restore_log(path, last_step):
+    """Keep the lines of steps up to last_step, the last checkpoint: a resumed run writes the later
+    steps again. A line cut short by a kill (only ever the last one) is dropped."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record["step"] <= last_step:
+            kept.append(line + "\n")
+    write_atomically(path, "".join(kept))
+
+
+class StopRequest:
+    """The first Ctrl-C or SIGTERM asks the loop to save and stop after the current step; a
+    second Ctrl-C stops at once (the previous checkpoint stays)."""
+
+    def __enter__(self):
+        self.signal = None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc_info):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+        tqdm.write(f"{signal.Signals(signum).name}: saving after this step (Ctrl-C again stops now, without saving)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training loop
+# ---------------------------------------------------------------------------------------------
+
+MAX_NONFINITE_IN_A_ROW = 10  # more skipped updates than this in a row: the run has diverged
+
+
+def train(args, selfplay, start_step=0):
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "metrics.jsonl", "a") as metrics_file, open(out / "episodes.jsonl", "a") as episodes_file:
-        bar = tqdm(range(1, args.steps + 1), desc="LSP", dynamic_ncols=True)
+    nonfinite_in_a_row = 0
+    with StopRequest() as stop, open(out / "metrics.jsonl", "a") as metrics_file, \
+            open(out / "episodes.jsonl", "a") as episodes_file:
+        bar = tqdm(range(start_step + 1, args.steps + 1), initial=start_step, total=args.steps,
+                   desc="LSP", dynamic_ncols=True)
         for step in bar:
             started = time.perf_counter()
             metrics, episodes = selfplay.step()
-            metrics_file.write(json.dumps({"step": step, **metrics, "time/step": time.perf_counter() - started}) + "\n")
+            metrics_file.write(json_line({"step": step, **metrics, "time/step": time.perf_counter() - started}))
             metrics_file.flush()
-            for episode in episodes:
-                episodes_file.write(json.dumps({"step": step, **episode}) + "\n")
+            episodes_file.write("".join(json_line({"step": step, **episode}) for episode in episodes))
             episodes_file.flush()
             bar.set_postfix({name: f"{metrics[name]:.4g}" for name in ("reward", "self_reward", "kl")
                              if metrics.get(name) is not None})
             if step % args.log_every == 0 or step == 1:
                 show_example(step, episodes)
-            if step % args.save_every == 0 or step == args.steps:
-                save_checkpoint(selfplay.policy, selfplay.tokenizer, out / "checkpoint")
-    tqdm.write(f"done: {args.steps} steps; metrics in {out / 'metrics.jsonl'}, model in {out / 'checkpoint'}")
+            if "nonfinite_update" in metrics:  # a step with no valid query tried no update
+                nonfinite_in_a_row = nonfinite_in_a_row + 1 if metrics["nonfinite_update"] else 0
+            if metrics.get("nonfinite_update"):
+                tqdm.write(f"step {step}: non-finite loss or gradient, update skipped ({nonfinite_in_a_row} in a row)")
+            if nonfinite_in_a_row == MAX_NONFINITE_IN_A_ROW:
+                newest = checkpoints(out)[-1:] or ["none yet"]
+                sys.exit(f"error: {MAX_NONFINITE_IN_A_ROW} updates in a row had a non-finite loss or gradient, so the "
+                         f"run stops. Skipped updates leave the policy unchanged; the newest checkpoint is {newest[0]}. "
+                         f"Look at {out / 'metrics.jsonl'} (loss, grad_norm, kl), then start a new run with a "
+                         "lower --learning-rate or --max-grad-norm.")
+            if step % args.save_every == 0 or step == args.steps or stop.signal:
+                save_checkpoint(selfplay, out, step, args.keep)
+            if stop.signal:
+                tqdm.write(f"stopped after step {step}, checkpoint saved. Resume with: python lsp.py --resume {out}")
+                sys.exit(128 + stop.signal)
+    tqdm.write(f"done: {args.steps} steps; metrics in {out / 'metrics.jsonl'}, model in {checkpoints(out)[-1]}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -655,29 +831,77 @@ def train(args, selfplay):
 # ---------------------------------------------------------------------------------------------
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def memory_problem(args, num_params, gpu_bytes):
+    """Why the run cannot fit on this GPU, or None. A lower bound, by arithmetic before any activation:
+    bf16 policy weights, bf16 gradients and 8-bit AdamW states (2 + 2 + 2 bytes per parameter), and
+    the frozen reference and reward model (taken to be the policy's size) at 2 bytes, or about 0.7 in NF4."""
+    frozen_models = 1 if args.reward_model == "self" else 2
+    needed = num_params * (6 + frozen_models * (0.7 if args.load_in_4bit else 2))
+    if needed <= 0.9 * gpu_bytes:  # the CUDA context and allocator take the rest
+        return None
+    fix = "a GPU with more memory, or a smaller --model" if args.load_in_4bit else "--load-in-4bit"
+    return (f"weights, gradients and optimizer states alone need about {needed / 2**30:.1f} GiB, before "
+            f"activations and the KV cache; this GPU has {gpu_bytes / 2**30:.1f} GiB. Use {fix}.")
+
+
+def start(args):
+    """Load the models and return (SelfPlay, first step): a run in --out continues from its newest checkpoint."""
+    out = Path(args.out)
+    saved = checkpoints(out)
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer, policy = load_model(args.model, AutoModelForCausalLM, device)
+    tokenizer, policy = load_model(str(saved[-1]) if saved else args.model, AutoModelForCausalLM, device)
+    if device.type == "cuda":
+        problem = memory_problem(args, policy.num_parameters(), torch.cuda.get_device_properties(device).total_memory)
+        if problem:
+            sys.exit(f"error: this run does not fit: {problem}")
     policy.eval()
     if args.gradient_checkpointing:
         policy.activation_checkpointing_enable()
-    # the frozen reference pi_Ref: a copy of the starting policy (reloaded when quantized)
-    reference = freeze(load_model(args.model, AutoModelForCausalLM, device, load_in_4bit=True)[1]
-                       if args.load_in_4bit else copy.deepcopy(policy))
+    # the frozen reference pi_Ref: the starting model, copied, or loaded again when quantized or resuming
+    reference = freeze(load_model(args.model, AutoModelForCausalLM, device, load_in_4bit=args.load_in_4bit)[1]
+                       if args.load_in_4bit or saved else copy.deepcopy(policy))
     reward_model = reward_tokenizer = None
     if args.reward_model != "self":
         reward_tokenizer, reward_model = load_model(args.reward_model, AutoModelForSequenceClassification,
                                                     device, load_in_4bit=args.load_in_4bit)
         freeze(reward_model)
     selfplay = SelfPlay(args, policy, tokenizer, reference, reward_model, reward_tokenizer)
+    start_step = 0
+    if saved:
+        state = torch.load(saved[-1] / "trainer_state.pt", map_location=device, weights_only=True)
+        selfplay.load_state_dict(state)
+        start_step = state["step"]
+        tqdm.write(f"resuming {out} from {saved[-1].name}")
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomically(out / "config.json", json.dumps({k: v for k, v in vars(args).items() if k != "resume"}, indent=1))
+    for log in ("metrics.jsonl", "episodes.jsonl"):
+        restore_log(out / log, start_step)
+    return selfplay, start_step
+
+
+def main(argv=None):
+    args = parse_args(argv)
     try:
-        train(args, selfplay)
+        selfplay, start_step = start(args)
+        if start_step >= args.steps:
+            tqdm.write(f"{args.out} has already run {start_step} steps; pass a larger --steps to go on")
+            return
+        train(args, selfplay, start_step)
     except torch.OutOfMemoryError:
-        sys.exit("error: out of GPU memory. Reduce memory with --load-in-4bit, --gradient-checkpointing, "
-                 "a smaller --micro-batch-size, --num-generations or --max-completion-length.")
+        sys.exit("error: out of GPU memory. Reduce memory with --gradient-checkpointing or a smaller "
+                 "--micro-batch-size (both can be added when resuming: python lsp.py --resume "
+                 f"{args.out} --micro-batch-size 1), or start a new run with --load-in-4bit, fewer "
+                 "--num-generations or a smaller --max-completion-length.")
+    except KeyboardInterrupt:
+        sys.exit(f"stopped without saving; resume from the newest checkpoint with: python lsp.py --resume {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] in (["eval"], ["plot"]):
+        # `python lsp.py eval|plot ...` runs eval.py, imported only then; the alias keeps the name
+        # `eval` from shadowing Python's builtin eval()
+        from eval import main as eval_main
+        eval_main(sys.argv[1:])
+    else:
+        main()

@@ -1,0 +1,358 @@
+"""
+Evaluation and plots for Language Self-Play: did the self-play make the model better?
+
+    eval   pairwise win rate of a model (e.g. a trainer checkpoint) against a baseline (e.g. the
+           model it started from), judged by a language model, in the spirit of the paper's
+           AlpacaEval numbers (win rate against the base model).
+    plot   the training curves of a run directory (RUN_DIR/metrics.jsonl -> RUN_DIR/curves.png).
+
+How `eval` scores, and the choices made:
+    1. Both models answer every instruction greedily (temperature 0 with lsp.sample). The paper
+       samples at temperature 0.01, of which greedy decoding is the limit; greedy also makes a run
+       repeatable.
+    2. The judge (by default the baseline model itself) sees the instruction and both answers with
+       PAIRWISE_PROMPT and must end with [[A]], [[B]] or [[tie]]. Each pair is judged twice, once
+       with the model's answer first and once with the baseline's first: judges, small ones above
+       all, prefer one position, and the two orders cancel that preference.
+    3. A verdict gives the model 1 (win), 0.5 (tie) or 0 (loss). An instruction's score is the
+       mean of its two orders (0, .25, .5, .75 or 1); the win rate is the mean over instructions,
+       with a 95% interval from the spread of the per-instruction scores.
+    4. Judge text without exactly one valid tag is a parse failure, handled as lsp.py handles
+       judge scores (its deviation 3): we append "[[" to the judge's own text and take whichever
+       of "A" and "B" the judge gives the higher probability next. Failures are counted in the
+       report and marked in the verdicts file.
+    5. The trainer sees no data at all, so any instruction set is held out. The built-in set
+       (EVAL_INSTRUCTIONS, 40 instructions written for this project) is a quick check; for
+       numbers comparable to the paper pass AlpacaEval's 805 instructions with --prompts.
+
+Run (from the repository root; `python eval.py ...` works the same):
+    python lsp.py eval --model runs/demo/checkpoint-000003 --baseline smollm2 --max-new-tokens 128 \
+        --max-judge-tokens 32 --out runs/demo/verdicts.jsonl     # CPU, the demo run against its start
+    python lsp.py plot runs/demo                                   # runs/demo/curves.png
+"""
+
+import argparse
+import json
+import math
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM
+
+import lsp
+from judge_prompts import EVAL_INSTRUCTIONS, PAIRWISE_PROMPT
+
+# ---------------------------------------------------------------------------------------------
+# Options
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="Evaluate LSP models and plot LSP runs.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    compare = commands.add_parser("eval", help="win rate of --model against --baseline, judged pairwise")
+    compare.add_argument("--model", required=True, help="model to evaluate: hub id, local path (a run's checkpoint) or 'smollm2'")
+    compare.add_argument("--baseline", required=True, help="model to compare against, e.g. the one training started from")
+    compare.add_argument("--judge", help="model that judges the pairs (default: the baseline)")
+    compare.add_argument("--prompts", help="instructions: one per line, or JSONL with an 'instruction' field (default: built-in 40)")
+    compare.add_argument("--out", default="verdicts.jsonl", help="per-instruction verdicts, one JSON line each")
+    compare.add_argument("--max-new-tokens", type=int, default=256, help="longest answer of each model")
+    compare.add_argument("--max-judge-tokens", type=int, default=128, help="longest judge output")
+    compare.add_argument("--batch-size", type=int, default=8, help="prompts per batch when generating")
+    plot = commands.add_parser("plot", help="plot RUN_DIR/metrics.jsonl")
+    plot.add_argument("run_dir", help="run directory written by the trainer (--out)")
+    plot.add_argument("--out", help="image file (default: RUN_DIR/curves.png)")
+    return parser
+
+
+def read_instructions(path):
+    """Instructions from a file: one per line, or, for a .jsonl file, the 'instruction' field of each
+    line (use JSONL for instructions that span several lines). Blank lines are skipped."""
+    try:
+        lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        if path.endswith(".jsonl"):
+            lines = [json.loads(line)["instruction"] for line in lines]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+        sys.exit(f"error: could not read instructions from {path}: {type(error).__name__}: {error}\n"
+                 "  expected plain text with one instruction per line, or a .jsonl file whose lines are "
+                 'objects like {"instruction": "..."}')
+    if not lines:
+        sys.exit(f"error: {path} holds no instructions")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation: answers and judgements
+# ---------------------------------------------------------------------------------------------
+
+
+def special_ids(model, tokenizer):
+    """(stop ids, pad id), chosen as the trainer chooses them."""
+    stop_ids = lsp.stop_token_ids(model, tokenizer)
+    return stop_ids, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+
+
+def greedy(model, tokenizer, prompts, max_new_tokens, batch_size, desc):
+    """Greedy completions (token lists, the stop token included) of token-id prompts, in input order.
+
+    Prompts are batched in order of length, so that a batch wastes little compute on padding.
+    """
+    stop_ids, pad_id = special_ids(model, tokenizer)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    completions = [None] * len(prompts)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, dynamic_ncols=True):
+        rows = order[start:start + batch_size]
+        sampled = lsp.sample(model, [prompts[i] for i in rows], max_new_tokens, stop_ids, pad_id, temperature=0)
+        for i, tokens in zip(rows, lsp.unpad(*sampled)):
+            completions[i] = tokens
+    return completions
+
+
+def answer(model, tokenizer, instructions, args, desc):
+    """(answer texts, how many were cut at --max-new-tokens): each instruction as one user turn."""
+    prompts = [lsp.chat_prompt(tokenizer, instruction) for instruction in instructions]
+    tokens = greedy(model, tokenizer, prompts, args.max_new_tokens, args.batch_size, desc)
+    stop_ids, _ = special_ids(model, tokenizer)
+    clipped = sum(not t or t[-1] not in stop_ids for t in tokens)
+    return tokenizer.batch_decode(tokens, skip_special_tokens=True), clipped
+
+
+VERDICT_TAG = re.compile(r"\[\[([^\[\]]*)\]\]")
+VERDICTS = {"a": "A", "b": "B", "tie": "tie"}
+
+
+def parse_verdict(text):
+    """'A', 'B' or 'tie' from the judge's [[...]] tag (any case), or None.
+
+    None when there is no tag, a tag holds anything else, or tags disagree. Only the judge's own
+    output is parsed, never the prompt, so an answer that contains "[[A]]" cannot decide.
+    >>> parse_verdict("A is correct and B is not. [[A]]"), parse_verdict("[[A]] or [[B]]")
+    ('A', None)
+    """
+    values = {value.strip().lower() for value in VERDICT_TAG.findall(text)}
+    return VERDICTS.get(values.pop()) if len(values) == 1 else None
+
+
+@torch.no_grad()
+def judge_pairs(judge, tokenizer, triples, args):
+    """Verdicts on (instruction, answer A, answer B) triples: 'A', 'B' or 'tie' for each.
+
+    Returns verdicts, the judge's texts and parse_failed flags. An unparsed judgement gets the
+    verdict the judge leans to right after "[[" is appended to its own text (module choice 4).
+    We compare "A" with "B" rather than counting a failure as a tie: ties would pull every win
+    rate towards 50% by however often a weak judge fails, hiding what signal it has.
+    """
+    prompts = [lsp.chat_prompt(tokenizer, PAIRWISE_PROMPT.format(instruction=q, answer_a=a, answer_b=b))
+               for q, a, b in triples]
+    judged = greedy(judge, tokenizer, prompts, args.max_judge_tokens, args.batch_size, "judge")
+    texts = tokenizer.batch_decode(judged, skip_special_tokens=True)
+    verdicts = [parse_verdict(text) for text in texts]
+    parse_failed = [verdict is None for verdict in verdicts]
+    failed = [i for i, f in enumerate(parse_failed) if f]
+    stop_ids, pad_id = special_ids(judge, tokenizer)
+    # the tokens "\n[[A" and "\n[[B" share, then the first where they differ: SmolLM2 splits "[[" from
+    # the letter, but tokenizers differ, and one may merge a bracket with the letter
+    tag_a, tag_b = (tokenizer.encode("\n[[" + letter, add_special_tokens=False) for letter in "AB")
+    shared = next(k for k, (a, b) in enumerate(zip(tag_a, tag_b)) if a != b)
+    letters = [tag_a[shared], tag_b[shared]]
+    for start in tqdm(range(0, len(failed), args.batch_size), desc="judge, parse failures", dynamic_ncols=True):
+        rows = failed[start:start + args.batch_size]
+        sequences = [prompts[i] + [t for t in judged[i] if t not in stop_ids] + tag_a[:shared] for i in rows]
+        logits = lsp.last_token_logits(judge, sequences, pad_id)[:, letters]  # [b, 2]: "A", "B"
+        for i, (a, b) in zip(rows, logits.tolist()):
+            verdicts[i] = "A" if a > b else "B" if b > a else "tie"
+    return verdicts, texts, parse_failed
+
+
+# ---------------------------------------------------------------------------------------------
+# Win rate
+# ---------------------------------------------------------------------------------------------
+
+
+def order_score(verdict, model_first):
+    """The model's score for one judgement: 1 win, 0.5 tie, 0 loss; position A is whoever went first."""
+    score = {"A": 1.0, "tie": 0.5, "B": 0.0}[verdict]
+    return score if model_first else 1.0 - score
+
+
+def both_orders(instructions, model_answers, baseline_answers):
+    """The judge's inputs (instruction, answer A, answer B): row 2i has the model's answer first,
+    row 2i + 1 the baseline's, so that a preference for one position cancels."""
+    return [triple for q, ours, theirs in zip(instructions, model_answers, baseline_answers)
+            for triple in ((q, ours, theirs), (q, theirs, ours))]
+
+
+def score_records(instructions, model_answers, baseline_answers, verdicts, texts, failed):
+    """One record per instruction from the judge's rows laid out by `both_orders`; its score is the
+    mean of the model's scores in the two orders: 0, .25, .5, .75 or 1."""
+    records = []
+    for i, instruction in enumerate(instructions):
+        record = {"instruction": instruction, "model_answer": model_answers[i], "baseline_answer": baseline_answers[i]}
+        for row, order in ((2 * i, "model_first"), (2 * i + 1, "baseline_first")):
+            record[order] = {"judge_text": texts[row], "verdict": verdicts[row], "parse_failed": failed[row],
+                             "score": order_score(verdicts[row], model_first=order == "model_first")}
+        record["score"] = (record["model_first"]["score"] + record["baseline_first"]["score"]) / 2
+        records.append(record)
+    return records
+
+
+def win_rate(scores):
+    """(mean, low, high): the mean of per-instruction scores and its 95% interval, within [0, 1].
+
+    Normal approximation, mean +- 1.96 sd / sqrt(n). Instructions are independent draws; the two
+    orders of one instruction are not (same answers), which is why they are averaged first.
+    >>> [round(x, 3) for x in win_rate([1.0, 0.5, 0.75, 0.25])]
+    [0.625, 0.309, 0.941]
+    """
+    mean = statistics.fmean(scores)
+    if len(scores) < 2:  # one instruction says nothing about the spread
+        return mean, 0.0, 1.0
+    half_width = 1.96 * statistics.stdev(scores) / math.sqrt(len(scores))
+    return mean, max(0.0, mean - half_width), min(1.0, mean + half_width)
+
+
+def evaluate(args):
+    instructions = read_instructions(args.prompts) if args.prompts else EVAL_INSTRUCTIONS
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    loaded, timings, started = {}, {}, time.perf_counter()
+
+    def model_named(name):
+        # one model in memory at a time; a name used twice (the judge is the baseline) loads once
+        if name not in loaded:
+            loaded.clear()
+            tokenizer, model = lsp.load_model(name, AutoModelForCausalLM, device)
+            loaded[name] = tokenizer, lsp.freeze(model)
+        return loaded[name]
+
+    answers, clipped = {}, {}
+    for role in ("model", "baseline"):
+        tokenizer, model = model_named(getattr(args, role))
+        clock = time.perf_counter()
+        answers[role], clipped[role] = answer(model, tokenizer, instructions, args, f"answers ({role})")
+        timings[role] = time.perf_counter() - clock
+
+    tokenizer, judge = model_named(args.judge or args.baseline)
+    clock = time.perf_counter()
+    triples = both_orders(instructions, answers["model"], answers["baseline"])
+    verdicts, texts, failed = judge_pairs(judge, tokenizer, triples, args)
+    timings["judge"] = time.perf_counter() - clock
+
+    records = score_records(instructions, answers["model"], answers["baseline"], verdicts, texts, failed)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(record) + "\n" for record in records))
+
+    mean, low, high = win_rate([record["score"] for record in records])
+    decisive = [v for v in verdicts if v != "tie"]
+    n, judgements = len(instructions), len(verdicts)
+    print(f"\n{args.model} vs {args.baseline}, judged by {args.judge or args.baseline}: "
+          f"{n} instructions, each judged in both orders")
+    print(f"win rate {mean:.3f}  (95% interval {low:.3f} to {high:.3f}; a tie counts half)")
+    order_scores = [record[order]["score"] for record in records for order in ("model_first", "baseline_first")]
+    print(f"judgements: {order_scores.count(1.0)} wins, {order_scores.count(0.5)} ties, "
+          f"{order_scores.count(0.0)} losses of {judgements}; the first answer won "
+          f"{decisive.count('A')} of {len(decisive)} decided (position bias)")
+    if decisive and len(set(decisive)) == 1:
+        print("warning: every decided judgement went to the same position, so the verdicts follow the order of "
+              "the answers, not their content; the win rate says nothing here: use a stronger --judge")
+    print(f"parse failures: {sum(failed)} of {judgements} judgements, decided by the judge's next-token "
+          "probabilities of A and B")
+    print(f"answers cut at {args.max_new_tokens} tokens: model {clipped['model']}, baseline {clipped['baseline']} of {n}")
+    print(f"time: answers {timings['model']:.0f} s (model) and {timings['baseline']:.0f} s (baseline), "
+          f"judge {timings['judge']:.0f} s, total {time.perf_counter() - started:.0f} s with loading")
+    print(f"verdicts in {out}")
+    return {"win_rate": mean, "interval": (low, high), "parse_failures": sum(failed), "records": records}
+
+
+# ---------------------------------------------------------------------------------------------
+# Plot
+# ---------------------------------------------------------------------------------------------
+
+PANELS = [  # (title, metrics drawn in it)
+    ("solver reward R", ["reward"]),
+    ("self-reward R_Q (0..7)", ["self_reward"]),
+    ("challenger reward -V + V_Q", ["challenger_reward"]),
+    ("KL to the reference, per token", ["kl"]),
+    ("length (tokens)", ["answer_length", "query_length"]),
+    ("failure rates", ["reward_parse_failure_rate", "judge_parse_failure_rate", "query_invalid_rate"]),
+]
+
+
+def read_metrics(path):
+    """The steps of a metrics.jsonl; a line that does not parse (a run killed mid-write) is skipped."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            print(f"warning: skipped an unreadable line in {path}: {line[:60]!r}")
+    return rows
+
+
+def moving_average(values, window):
+    """Mean of each value and the window - 1 before it (fewer at the start)."""
+    return [statistics.fmean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
+
+
+def plot(args):
+    try:  # optional: only this command needs matplotlib
+        import matplotlib
+        matplotlib.use("Agg")  # write files, never open a window
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        sys.exit("error: the plot command needs matplotlib: pip install matplotlib")
+    path = Path(args.run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        sys.exit(f"error: no metrics.jsonl in {args.run_dir}")
+    rows = read_metrics(path)
+    if not rows:
+        sys.exit(f"error: {path} holds no steps")
+    window = max(1, min(50, len(rows) // 10))
+    figure, axes = plt.subplots(2, 3, figsize=(15, 8), sharex=True, constrained_layout=True)
+    for ax, (title, names) in zip(axes.flat, PANELS):
+        for color, name in zip(("C0", "C1", "C2"), names):
+            # a step without the metric (null in LSP-Zero, NaN, or a step with no valid query) is left out
+            points = [(row["step"], row[name]) for row in rows
+                      if isinstance(row.get(name), (int, float)) and math.isfinite(row[name])]
+            if not points:
+                continue
+            steps, values = zip(*points)
+            ax.plot(steps, values, "o", color=color, alpha=0.4, markersize=3)
+            ax.plot(steps, moving_average(values, window), "-", color=color, label=name)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+        else:  # e.g. the self-reward of an LSP-Zero run
+            ax.text(0.5, 0.5, "not logged in this run", ha="center", va="center", transform=ax.transAxes)
+            ax.set_yticks([])
+    for ax in axes[-1]:
+        ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # shared by every panel
+    figure.suptitle(f"{args.run_dir}: {len(rows)} steps; dots are steps, lines a {window}-step moving average")
+    out = args.out or Path(args.run_dir) / "curves.png"
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+    print(f"wrote {out}")
+    return out
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "plot":
+        return plot(args)
+    for name in ("max_new_tokens", "max_judge_tokens", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    return evaluate(args)
+
+
+if __name__ == "__main__":
+    main()
