@@ -37,7 +37,6 @@ OMP_WAIT_POLICY=PASSIVE (or fewer threads, OMP_NUM_THREADS) avoids it; the table
 """
 
 import argparse
-import copy
 import os
 import platform
 import resource
@@ -46,7 +45,7 @@ import time
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 import lsp
 
@@ -59,7 +58,8 @@ TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_
 # model: 'smollm2' or a Llama shape with random weights; prompt_tokens: the range of user-turn lengths;
 # trainer: options for lsp.parse_args (the reward model defaults to the policy's shape with a 1-output head)
 PRESETS = {
-    "cpu": dict(model="smollm2", name="SmolLM2-135M-Instruct, real weights", batch_sizes=[16], new_tokens=64, prompt_tokens=(20, 80),
+    "cpu": dict(model="smollm2", name="SmolLM2-135M-Instruct, real weights", batch_sizes=[16], new_tokens=64,
+                prompt_tokens=(20, 80),
                 trainer=["--reward-model", "self", "--num-queries", "4", "--num-generations", "2",
                          "--max-query-tokens", "64", "--max-completion-length", "64", "--max-judge-tokens", "64"]),
     "gpu": dict(model=LLAMA_3B, name="Llama-3.2-3B shape, random weights", batch_sizes=[32, 64], new_tokens=256,
@@ -160,24 +160,18 @@ def bandwidth_floor(model, batch, context, bandwidth):
     return batch * bandwidth / (weight_bytes + batch * context * kv_bytes_per_token)
 
 
-def build_selfplay(args, policy, tokenizer, device):
-    """The frozen reference and the reward model next to the policy, as lsp.main builds them."""
-    if args.gradient_checkpointing:
-        policy.activation_checkpointing_enable()
-    reference = lsp.freeze(lsp.load_model(args.model, AutoModelForCausalLM, device, load_in_4bit=True)[1]
-                           if args.load_in_4bit else copy.deepcopy(policy))
-    reward_model = reward_tokenizer = None
-    if args.reward_model != "self":
-        reward_tokenizer, reward_model = lsp.load_model(args.reward_model, AutoModelForSequenceClassification,
-                                                        device, load_in_4bit=args.load_in_4bit)
-        lsp.freeze(reward_model)
-    selfplay = lsp.SelfPlay(args, policy, tokenizer, reference, reward_model, reward_tokenizer)
-    # The worst case: every sequence runs to its length limit and every query is answered. Random
-    # weights would otherwise never stop a query, the step would count them all as truncated and
-    # return after the Challenger; real weights would make the amount of work vary from run to run.
+def worst_case(selfplay):
+    """Make every sequence run to its length limit and every query count as valid.
+
+    Random weights would otherwise never stop a query, the step would count them all as truncated and
+    return after the Challenger; real weights would make the work vary from run to run. The longest
+    sequences are also what a time and memory budget must hold."""
     selfplay.stop_ids = []
     lsp.read_query = lambda tokenizer, tokens, stop_ids: (tokenizer.decode(tokens, skip_special_tokens=True), "ok")
-    return selfplay
+
+
+def row(name, value):
+    print(f"| {name} | {value} |", flush=True)  # row by row: what was measured survives a crash or an OOM
 
 
 def main(argv=None):
@@ -193,19 +187,20 @@ def main(argv=None):
     transformers.logging.set_verbosity_error()  # the reward head is new by design: no warning about it
     transformers.logging.disable_progress_bar()
     workdir = tempfile.TemporaryDirectory()
-    model = preset["model"] if preset["model"] == "smollm2" else workdir.name
-    if model == workdir.name:
+    model = "smollm2" if preset["model"] == "smollm2" else os.path.join(workdir.name, "model")
+    if model != "smollm2":
         save_random_model(preset["model"], model, device)
     # later options win: the preset's over these, the user's over the preset's
-    args = lsp.parse_args(["--model", model, "--reward-model", model, "--out", workdir.name, *preset["trainer"],
-                           *options.trainer_options])  # bad trainer options stop here, before the long part
+    args = lsp.parse_args(["--model", model, "--reward-model", model, "--out", os.path.join(workdir.name, "run"),
+                           *preset["trainer"], *options.trainer_options])  # bad options stop here, before the long part
     tokenizer, policy = lsp.load_model(args.model, AutoModelForCausalLM, device)
     policy.eval()
     device_text = device_name(device)
-    rows = [("device", device_text),
-            ("torch / transformers", f"{torch.__version__} / {transformers.__version__}"),
-            ("model", f"{preset['name']}, {sum(p.numel() for p in policy.parameters()) / 1e6:,.0f}M parameters, "
-                      f"{policy.dtype}".replace("torch.", ""))]
+    print("| measurement | value |\n|---|---|")
+    row("device", device_text)
+    row("torch / transformers", f"{torch.__version__} / {transformers.__version__}")
+    dtype = str(policy.dtype).removeprefix("torch.")
+    row("model", f"{preset['name']}, {policy.num_parameters() / 1e6:,.0f}M parameters, {dtype}")
 
     # 1. Samplers, side by side
     bandwidth = options.bandwidth
@@ -219,40 +214,43 @@ def main(argv=None):
         lengths = [len(p) for p in prompts]
         speed = compare_samplers(policy, prompts, new_tokens, pad_id, options.repeats)
         name = f"sampler, batch {batch}, prompts {min(lengths)}-{max(lengths)} tokens, {new_tokens} new tokens"
-        rows += [(f"{name}: {runner}", f"{tokens_per_s:,.0f} tok/s") for runner, tokens_per_s in speed.items()]
-        rows.append((f"{name}: ours / generate", f"{speed['lsp.sample'] / speed['model.generate']:.2f}"))
+        for runner, tokens_per_s in speed.items():
+            row(f"{name}: {runner}", f"{tokens_per_s:,.0f} tok/s")
+        row(f"{name}: ours / generate", f"{speed['lsp.sample'] / speed['model.generate']:.2f}")
         if bandwidth:
             context = sum(lengths) / batch + new_tokens / 2  # mean tokens in the cache over the decode
             floor = bandwidth_floor(policy, batch, context, bandwidth * 1e12)
-            rows.append((f"{name}: bandwidth floor at {bandwidth} TB/s",
-                         f"{floor:,.0f} tok/s (ours at {speed['lsp.sample'] / floor:.0%} of it)"))
-    rows.append(("peak memory, samplers", peak_memory(device)))
+            row(f"{name}: bandwidth floor at {bandwidth} TB/s",
+                f"{floor:,.0f} tok/s (ours at {speed['lsp.sample'] / floor:.0%} of it)")
+    row("peak memory, samplers", peak_memory(device))
+    del policy  # the iteration loads its own models, the way the trainer does
+    if options.skip_step:
+        return
 
-    # 2. One LSP iteration, after a warm-up iteration
-    if not options.skip_step:
-        selfplay = build_selfplay(args, policy, tokenizer, device)
-        reward = "self-judged" if args.reward_model == "self" else "reward model of the same shape"
-        rows.append(("LSP iteration settings", f"{args.num_queries} queries x {args.num_generations} answers, "
-                     f"{args.max_query_tokens}/{args.max_completion_length}/{args.max_judge_tokens} query/answer/judge "
-                     f"tokens, {reward}, extra options: {' '.join(options.trainer_options) or 'none'}"))
-        reset_peak_memory(device)
+    # 2. One LSP iteration, after a warm-up iteration, with the models loaded as `python lsp.py` loads them
+    reward = "self-judged" if args.reward_model == "self" else "reward model of the same shape"
+    row("LSP iteration settings", f"{args.num_queries} queries x {args.num_generations} answers, "
+        f"{args.max_query_tokens}/{args.max_completion_length}/{args.max_judge_tokens} query/answer/judge tokens, "
+        f"{reward}, extra options: {' '.join(options.trainer_options) or 'none'}")
+    selfplay, _ = lsp.start(args)
+    worst_case(selfplay)
+    reset_peak_memory(device)
+    try:
         for _ in range(2):
             synchronize(device)
             start = time.perf_counter()
             metrics, _ = selfplay.step()
             synchronize(device)
             total = time.perf_counter() - start
-        rows += [(f"LSP iteration: {phase}", f"{metrics[f'time/{phase}']:.3g} s")
-                 for phase in ("challenger", "solver", "reward", "judge", "update") if f"time/{phase}" in metrics]
-        if metrics["update_skipped"]:  # no optimizer step: its time and its 8-bit states are missing
-            rows[-1] = (rows[-1][0], rows[-1][1] + " (optimizer step skipped: non-finite gradient)")
-        rows.append(("LSP iteration: total", f"{total:.3g} s"))
-        target = " (target 22 GiB)" if cuda else ""
-        rows.append(("peak memory, LSP iteration", peak_memory(device) + target))
-
-    print("| measurement | value |\n|---|---|")
-    for name, value in rows:
-        print(f"| {name} | {value} |")
+        for phase in ("challenger", "solver", "reward", "judge", "update"):
+            if f"time/{phase}" in metrics:  # no judge phase with --no-self-reward
+                skipped = phase == "update" and metrics["update_skipped"]  # then no optimizer step was timed
+                row(f"LSP iteration: {phase}", f"{metrics[f'time/{phase}']:.3g} s"
+                    + (" (optimizer step skipped: non-finite update)" if skipped else ""))
+        row("LSP iteration: total", f"{total:.3g} s")
+    except torch.OutOfMemoryError:
+        row("LSP iteration", "out of GPU memory")
+    row("peak memory, LSP iteration", peak_memory(device) + (" (target 22 GiB)" if cuda else ""))
 
 
 if __name__ == "__main__":
