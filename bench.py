@@ -128,14 +128,14 @@ def chat_prompts(tokenizer, batch, shortest, longest):
     return [lsp.chat_prompt(tokenizer, tokenizer.decode(text_ids[row:row + n])) for row, n in enumerate(lengths)]
 
 
-def compare_samplers(model, prompts, new_tokens, pad_id, repeats):
+def compare_samplers(model, prompts, new_tokens, repeats):
     """Generated tokens per second of lsp.sample and model.generate, greedy, exactly new_tokens per row."""
-    input_ids, attention_mask = lsp.pad(prompts, pad_id, "left", model.device)  # [B, P]
+    input_ids, attention_mask = lsp.pad(prompts, "left", model.device)  # [B, P]
     runs = {
-        "lsp.sample": lambda: lsp.sample(model, prompts, new_tokens, [], pad_id, temperature=0)[0],
+        "lsp.sample": lambda: lsp.sample(model, prompts, new_tokens, [], temperature=0)[0],
         "model.generate": lambda: model.generate(
             input_ids=input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens, pad_token_id=pad_id)[:, input_ids.shape[1]:],
+            min_new_tokens=new_tokens, pad_token_id=0)[:, input_ids.shape[1]:],  # no row ends early: unused
     }
     best = {name: float("inf") for name in runs}
     for round_ in range(repeats + 1):  # round 0 is the warm-up
@@ -167,7 +167,7 @@ def worst_case(selfplay):
     return after the Challenger; real weights would make the work vary from run to run. The longest
     sequences are also what a time and memory budget must hold."""
     selfplay.stop_ids = []
-    lsp.read_query = lambda tokenizer, tokens, stop_ids: (tokenizer.decode(tokens, skip_special_tokens=True), "ok")
+    selfplay.read_query = lambda tokenizer, tokens, stop_ids: (tokenizer.decode(tokens, skip_special_tokens=True), "ok")
 
 
 def row(name, value):
@@ -207,12 +207,11 @@ def main(argv=None):
     if bandwidth is None and cuda:
         bandwidth = next((tb for name, tb in BANDWIDTH_TB_S if name in device_text), None)
     new_tokens = preset["new_tokens"]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else lsp.stop_token_ids(policy, tokenizer)[0]
     reset_peak_memory(device)
     for batch in preset["batch_sizes"]:
         prompts = chat_prompts(tokenizer, batch, *preset["prompt_tokens"])
         lengths = [len(p) for p in prompts]
-        speed = compare_samplers(policy, prompts, new_tokens, pad_id, options.repeats)
+        speed = compare_samplers(policy, prompts, new_tokens, options.repeats)
         name = f"sampler, batch {batch}, prompts {min(lengths)}-{max(lengths)} tokens, {new_tokens} new tokens"
         for runner, tokens_per_s in speed.items():
             row(f"{name}: {runner}", f"{tokens_per_s:,.0f} tok/s")

@@ -25,10 +25,10 @@ How `eval` scores, and the choices made:
        (EVAL_INSTRUCTIONS, 40 instructions written for this project) is a quick check; for
        numbers comparable to the paper pass AlpacaEval's 805 instructions with --prompts.
 
-Run (from the repository root; `python eval.py ...` works the same):
-    python lsp.py eval --model runs/demo/checkpoint-000003 --baseline smollm2 --max-new-tokens 128 \
+Run (from the repository root):
+    python eval.py eval --model runs/demo/checkpoint-000003 --baseline smollm2 --max-new-tokens 128 \
         --max-judge-tokens 32 --out runs/demo/verdicts.jsonl     # CPU, the demo run against its start
-    python lsp.py plot runs/demo                                   # runs/demo/curves.png
+    python eval.py plot runs/demo                                  # runs/demo/curves.png
 """
 
 import argparse
@@ -91,23 +91,17 @@ def read_instructions(path):
 # ---------------------------------------------------------------------------------------------
 
 
-def special_ids(model, tokenizer):
-    """(stop ids, pad id), chosen as the trainer chooses them."""
-    stop_ids = lsp.stop_token_ids(model, tokenizer)
-    return stop_ids, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-
-
 def greedy(model, tokenizer, prompts, max_new_tokens, batch_size, desc):
     """Greedy completions (token lists, the stop token included) of token-id prompts, in input order.
 
     Prompts are batched in order of length, so that a batch wastes little compute on padding.
     """
-    stop_ids, pad_id = special_ids(model, tokenizer)
+    stop_ids = lsp.stop_token_ids(model, tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     completions = [None] * len(prompts)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, dynamic_ncols=True):
         rows = order[start:start + batch_size]
-        sampled = lsp.sample(model, [prompts[i] for i in rows], max_new_tokens, stop_ids, pad_id, temperature=0)
+        sampled = lsp.sample(model, [prompts[i] for i in rows], max_new_tokens, stop_ids, temperature=0)
         for i, tokens in zip(rows, lsp.unpad(*sampled)):
             completions[i] = tokens
     return completions
@@ -117,7 +111,7 @@ def answer(model, tokenizer, instructions, args, desc):
     """(answer texts, how many were cut at --max-new-tokens): each instruction as one user turn."""
     prompts = [lsp.chat_prompt(tokenizer, instruction) for instruction in instructions]
     tokens = greedy(model, tokenizer, prompts, args.max_new_tokens, args.batch_size, desc)
-    stop_ids, _ = special_ids(model, tokenizer)
+    stop_ids = lsp.stop_token_ids(model, tokenizer)
     clipped = sum(not t or t[-1] not in stop_ids for t in tokens)
     return tokenizer.batch_decode(tokens, skip_special_tokens=True), clipped
 
@@ -154,7 +148,7 @@ def judge_pairs(judge, tokenizer, triples, args):
     verdicts = [parse_verdict(text) for text in texts]
     parse_failed = [verdict is None for verdict in verdicts]
     failed = [i for i, f in enumerate(parse_failed) if f]
-    stop_ids, pad_id = special_ids(judge, tokenizer)
+    stop_ids = lsp.stop_token_ids(judge, tokenizer)
     # the tokens "\n[[A" and "\n[[B" share, then the first where they differ: SmolLM2 splits "[[" from
     # the letter, but tokenizers differ, and one may merge a bracket with the letter
     tag_a, tag_b = (tokenizer.encode("\n[[" + letter, add_special_tokens=False) for letter in "AB")
@@ -162,8 +156,8 @@ def judge_pairs(judge, tokenizer, triples, args):
     letters = [tag_a[shared], tag_b[shared]]
     for start in tqdm(range(0, len(failed), args.batch_size), desc="judge, parse failures", dynamic_ncols=True):
         rows = failed[start:start + args.batch_size]
-        sequences = [prompts[i] + [t for t in judged[i] if t not in stop_ids] + tag_a[:shared] for i in rows]
-        logits = lsp.last_token_logits(judge, sequences, pad_id)[:, letters]  # [b, 2]: "A", "B"
+        logits = lsp.logits_after(judge, [prompts[i] for i in rows], [judged[i] for i in rows], tag_a[:shared],
+                                  stop_ids)[:, letters]  # [b, 2]: "A", "B"
         for i, (a, b) in zip(rows, logits.tolist()):
             verdicts[i] = "A" if a > b else "B" if b > a else "tie"
     return verdicts, texts, parse_failed
@@ -279,19 +273,8 @@ PANELS = [  # (title, metrics drawn in it)
     ("challenger reward -V + V_Q", ["challenger_reward"]),
     ("KL to the reference, per token", ["kl"]),
     ("length (tokens)", ["answer_length", "query_length"]),
-    ("failure rates", ["reward_parse_failure_rate", "judge_parse_failure_rate", "query_invalid_rate"]),
+    ("failure rates", ["reward_judge_parse_failure_rate", "judge_parse_failure_rate", "query_invalid_rate"]),
 ]
-
-
-def read_metrics(path):
-    """The steps of a metrics.jsonl; a line that does not parse (a run killed mid-write) is skipped."""
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            print(f"warning: skipped an unreadable line in {path}: {line[:60]!r}")
-    return rows
 
 
 def moving_average(values, window):
@@ -310,7 +293,7 @@ def plot(args):
     path = Path(args.run_dir) / "metrics.jsonl"
     if not path.is_file():
         sys.exit(f"error: no metrics.jsonl in {args.run_dir}")
-    rows = read_metrics(path)
+    rows = lsp.read_jsonl(path)  # a line cut by a kill is skipped
     if not rows:
         sys.exit(f"error: {path} holds no steps")
     window = max(1, min(50, len(rows) // 10))

@@ -19,15 +19,18 @@ Deviations and choices where the paper is silent:
        estimator). Its gradient has zero expectation under pi, so as a loss it does not pull
        towards pi_Ref. We use the per-token "k3" estimator exp(r) - r - 1, r = log pi_Ref -
        log pi, summed over the sequence; its expected gradient is that of KL(pi_Ref || pi).
-    2. Challenger queries that come out empty or are cut at --max-query-tokens are not answered.
-       They still enter the Challenger loss, with the lowest Challenger advantage of the batch,
-       so the Challenger learns to avoid them; they are counted as `query_invalid_rate`.
+    2. Challenger queries that come out empty or are cut at --max-query-tokens are invalid: they
+       are not answered, and their Challenger advantage is INVALID_QUERY_PENALTY below the lowest
+       of the valid queries' and of 0, so every update, even one with no valid query, makes them
+       less likely. They are counted as `query_invalid_rate`.
     3. Judge text without one valid <Score> in 0..7 is a parse failure: we append "<Score>" to
        the judge's own text and take the expected digit under its probabilities of 0..7. Failures
        are counted (`*_parse_failure_rate`) and the raw text is kept in episodes.jsonl.
     4. The Challenger's reward is -V(q) + V_Q(q), where V averages R alone and V_Q averages R_Q.
     5. One optimizer step per iteration on all N queries; the loss is computed in micro-batches
-       (--micro-batch-size) only to save memory, so the gradient is that of one batch.
+       (--micro-batch-size) only to save memory, so the gradient is that of one batch. Queries
+       weigh alpha_Ch / N each and answers 1 / (N_valid G): the Solver loss is the mean over the
+       answers that exist, the paper's 1 / (N G) when every query is valid.
     6. Not reported in the paper, chosen here: G = 4, alpha_Ch = 1, training temperature 1.0 and
        top-p 1.0, greedy judging, AdamW (betas 0.9/0.999, no weight decay), gradient clipping at
        1.0, up to 256 query tokens, 512 answer tokens and 256 judge tokens.
@@ -41,6 +44,7 @@ Run:
         --max-judge-tokens 64 --temperature 0.7 --log-every 1 --out runs/demo   # CPU demo
     python lsp.py --steps 1500 --out runs/llama3b                              # Llama-3.2-3B, GPU
     python lsp.py --resume runs/llama3b                                        # after Ctrl-C or a crash
+    python eval.py eval --model runs/demo/checkpoint-000003 --baseline smollm2  # did it get better?
 """
 
 import argparse
@@ -65,9 +69,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
 
 from judge_prompts import CHALLENGER_PROMPT, QUALITY_PROMPT, REWARD_PROMPT
 
-# ---------------------------------------------------------------------------------------------
-# Config
-# ---------------------------------------------------------------------------------------------
+# --- Config ----------------------------------------------------------------------------------
 
 
 def build_parser():
@@ -91,6 +93,8 @@ def build_parser():
     parser.add_argument("--max-judge-tokens", type=int, default=256, help="longest judge output")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for both roles")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling for both roles")
+    parser.add_argument("--chat-date", help="date for chat templates that print today's date (Llama 3), e.g. "
+                        "'26 Jul 2024'; default: the day the run starts, kept for the whole run")
     # optimization
     parser.add_argument("--steps", type=int, default=1500, help="iterations, one optimizer step each")
     parser.add_argument("--learning-rate", type=float, default=3e-6, help="AdamW learning rate (the paper's 3e-6)")
@@ -126,9 +130,12 @@ def parse_args(argv=None):
         parser.set_defaults(**json.loads(config.read_text()))
         args = parser.parse_args(argv)
         args.out = args.resume
-    positive = ["num_queries", "num_generations", "max_query_tokens", "max_completion_length", "max_judge_tokens",
-                "steps", "micro_batch_size", "log_every", "save_every", "keep"]
-    for name in positive:
+    config = Path(args.out) / "config.json"
+    saved = json.loads(config.read_text()) if config.exists() else {}
+    if args.chat_date is None:  # a prompt that changed at midnight would make a resumed run differ
+        args.chat_date = saved.get("chat_date") or time.strftime("%d %b %Y")
+    for name in ["num_queries", "num_generations", "max_query_tokens", "max_completion_length",
+                 "max_judge_tokens", "steps", "micro_batch_size", "log_every", "save_every", "keep"]:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.num_queries < 2 or args.num_generations < 2:
@@ -146,9 +153,14 @@ def parse_args(argv=None):
         problem = None if name == "self" and option == "--reward-model" else model_name_problem(name)
         if problem:
             parser.error(f"{option} {name}: {problem}")
-    problem = run_dir_problem(Path(args.out), args)
-    if problem:
-        parser.error(problem)
+    # a run directory holds one run: the same options continue it, other ones are refused
+    changed = [f"--{name.replace('_', '-')} {saved[name]!r} (now {value!r})" for name, value in vars(args).items()
+               if name in saved and name not in RESUMABLE_CHANGES and saved[name] != value]
+    if changed:
+        parser.error(f"{args.out} holds a run started with other options: {', '.join(changed)}. Continue it "
+                     f"with `python lsp.py --resume {args.out}`, or choose another --out.")
+    if not saved and Path(args.out).is_dir() and any(Path(args.out).iterdir()):
+        parser.error(f"{args.out} is not empty and holds no LSP run (no config.json); choose another --out")
     return args
 
 
@@ -166,24 +178,7 @@ def model_name_problem(name):
     return None
 
 
-def run_dir_problem(out, args):
-    """Why --out cannot hold this run, or None. A directory of the same run is resumed, not overwritten."""
-    config = out / "config.json"
-    if config.exists():
-        saved = json.loads(config.read_text())
-        changed = [f"--{name.replace('_', '-')} {saved[name]!r} (now {value!r})" for name, value in vars(args).items()
-                   if name in saved and name not in RESUMABLE_CHANGES and saved[name] != value]
-        if changed:
-            return (f"{out} holds a run started with other options: {', '.join(changed)}. Continue it with "
-                    f"`python lsp.py --resume {out}`, or choose another --out.")
-    elif out.exists() and any(out.iterdir()):
-        return f"{out} is not empty and holds no LSP run (no config.json); choose another --out"
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading
-# ---------------------------------------------------------------------------------------------
+# --- Loading ---------------------------------------------------------------------------------
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -230,15 +225,16 @@ def stop_token_ids(model, tokenizer):
     return sorted(i for i in ids if i is not None)
 
 
-# ---------------------------------------------------------------------------------------------
-# Sampling: our own batched sampler with a KV cache
-# ---------------------------------------------------------------------------------------------
+# --- Sampling: our own batched sampler with a KV cache ---------------------------------------
 
 
-def pad(sequences, pad_id, side, device):
-    """Stack token lists into ids [B, L] and mask [B, L], padding on the left or the right."""
+def pad(sequences, side, device):
+    """Stack token lists into ids [B, L] and mask [B, L], padding on the left or the right.
+
+    Padding is masked out of attention and of every loss, so its id does not matter: 0 is one that
+    every vocabulary has. Never pad with EOS and then mask by id: that would hide real EOS tokens."""
     width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    ids = torch.zeros((len(sequences), width), dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
         cols = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
@@ -266,14 +262,14 @@ def pick_tokens(logits, temperature, top_p, generator):
 
 
 @torch.no_grad()
-def sample(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, top_p=1.0, generator=None):
+def sample(model, prompts, max_new_tokens, stop_ids, temperature=1.0, top_p=1.0, generator=None):
     """Sample a completion for each prompt (a list of token-id lists of any lengths).
 
     Returns completion_ids [B, T] and completion_mask [B, T], T <= max_new_tokens. The mask is 1 on
     every sampled token up to and including the row's stop token, so the loss also teaches the
-    model when to stop; after it, rows hold pad_id and mask 0.
+    model when to stop; after it, rows hold padding and mask 0.
     """
-    input_ids, attention_mask = pad(prompts, pad_id, "left", model.device)  # [B, P]
+    input_ids, attention_mask = pad(prompts, "left", model.device)  # [B, P]
     stop = torch.tensor(stop_ids, device=model.device)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=model.device)  # [B]
     cache, tokens, sampled = None, [], []
@@ -283,7 +279,7 @@ def sample(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, to
                     past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
         next_tokens = pick_tokens(out.logits[:, -1], temperature, top_p, generator)  # [B]
-        next_tokens = torch.where(finished, pad_id, next_tokens)
+        next_tokens = torch.where(finished, 0, next_tokens)
         tokens.append(next_tokens)
         sampled.append(~finished)
         finished |= torch.isin(next_tokens, stop)
@@ -299,9 +295,7 @@ def unpad(completion_ids, completion_mask):
     return [ids[mask.bool()].tolist() for ids, mask in zip(completion_ids, completion_mask)]
 
 
-# ---------------------------------------------------------------------------------------------
-# Token log-probs
-# ---------------------------------------------------------------------------------------------
+# --- Token log-probs -------------------------------------------------------------------------
 
 
 LOGPROB_CHUNK_TOKENS = 1024  # [tokens, vocab] float32 logits are made this many tokens at a time
@@ -313,15 +307,15 @@ def chunk_logprobs(lm_head, hidden, token_ids, temperature):
     return logits.gather(-1, token_ids[..., None]).squeeze(-1) - logits.logsumexp(-1)  # [B, c]
 
 
-def token_logprobs(model, prompts, completions, pad_id, temperature):
+def token_logprobs(model, prompts, completions, temperature):
     """log pi(token | prefix) of every completion token, at the sampling temperature.
 
     prompts, completions: lists of token-id lists. Returns logprobs [B, T] (0 where masked) and
     completion_mask [B, T], T = the longest completion. Prompts are left-padded and completions
     right-padded, so the completions share the last T columns.
     """
-    prompt_ids, prompt_mask = pad(prompts, pad_id, "left", model.device)  # [B, P]
-    completion_ids, completion_mask = pad(completions, pad_id, "right", model.device)  # [B, T]
+    prompt_ids, prompt_mask = pad(prompts, "left", model.device)  # [B, P]
+    completion_ids, completion_mask = pad(completions, "right", model.device)  # [B, T]
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [B, P+T]
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # [B, P+T]
     batch, num_completion = completion_ids.shape
@@ -340,17 +334,34 @@ def token_logprobs(model, prompts, completions, pad_id, temperature):
     return logprobs * completion_mask, completion_mask
 
 
-# ---------------------------------------------------------------------------------------------
-# Roles: Challenger and Solver
-# ---------------------------------------------------------------------------------------------
+# --- Roles: Challenger and Solver ------------------------------------------------------------
+
+TEXT_SLOT = "\ue000"  # a private-use character that stands for a message's text inside the template
 
 
-def chat_prompt(tokenizer, user_text):
-    """Token ids of one user turn followed by the assistant header, in the model's chat format."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": user_text}],
-                                         tokenize=False, add_generation_prompt=True)
-    # the template already holds BOS; add_special_tokens=False keeps it from being added twice
-    return tokenizer(text, add_special_tokens=False).input_ids
+def chat_ids(tokenizer, messages, add_generation_prompt=True, date=None):
+    """Token ids of a chat (a list of {"role", "content"}) in the tokenizer's chat template.
+
+    The texts are written by a model. Tokenized as part of the template, a literal "<|im_end|>" or
+    "<|eot_id|>" in them would become the real special token, close its turn and forge the next one:
+    a reward-hacking channel. So the template is rendered around placeholders, its markup tokenized
+    as usual, and each text with split_special_tokens, which keeps such strings plain text. `date`
+    fills templates that print today's date (Llama 3), so that prompts do not change at midnight.
+    """
+    slots = [{"role": message["role"], "content": TEXT_SLOT} for message in messages]
+    markup = tokenizer.apply_chat_template(slots, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                           **({"date_string": date} if date else {})).split(TEXT_SLOT)
+    assert len(markup) == len(messages) + 1, "the chat template must copy each message's text once"
+    ids = tokenizer(markup[0], add_special_tokens=False).input_ids  # the template holds BOS already
+    for message, after in zip(messages, markup[1:]):
+        ids += tokenizer(message["content"].strip(), add_special_tokens=False, split_special_tokens=True).input_ids
+        ids += tokenizer(after, add_special_tokens=False).input_ids
+    return ids
+
+
+def chat_prompt(tokenizer, user_text, date=None):
+    """Token ids of one user turn followed by the assistant header."""
+    return chat_ids(tokenizer, [{"role": "user", "content": user_text}], date=date)
 
 
 def challenger_text(task, template):
@@ -368,9 +379,7 @@ def read_query(tokenizer, tokens, stop_ids):
     return text, "ok" if text else "empty"
 
 
-# ---------------------------------------------------------------------------------------------
-# Rewards: reward model, judge prompts and score parsing
-# ---------------------------------------------------------------------------------------------
+# --- Rewards: reward model, judge prompts and score parsing ----------------------------------
 
 SCORE_TAG = re.compile(r"<score>\s*([^<]*?)\s*</score>", re.IGNORECASE)
 
@@ -392,47 +401,45 @@ def parse_score(text):
 
 
 @torch.no_grad()
-def last_token_logits(model, sequences, pad_id):
-    """Logits [B, V] after the last token of each sequence (left-padded, so the last column)."""
-    input_ids, attention_mask = pad(sequences, pad_id, "left", model.device)
-    return model(input_ids=input_ids, attention_mask=attention_mask,
+def logits_after(judge, prompts, judged, suffix, stop_ids):
+    """Next-token logits [M, V] after each prompt + the judge's own text (stop tokens dropped) + suffix.
+
+    This is how an unparseable judgement still gives an answer: append the tag the judge should have
+    written (e.g. "<Score>") to its text and read which token it would put next."""
+    sequences = [prompt + [t for t in text if t not in stop_ids] + suffix for prompt, text in zip(prompts, judged)]
+    input_ids, attention_mask = pad(sequences, "left", judge.device)
+    return judge(input_ids=input_ids, attention_mask=attention_mask,
                  position_ids=positions_from_mask(attention_mask), logits_to_keep=1).logits[:, -1]
 
 
 @torch.no_grad()
-def judge_scores(judge, tokenizer, judge_texts, max_tokens, stop_ids, pad_id):
-    """Greedy judgements by the frozen reference model and their scores (deviation 3).
+def judge_scores(judge, tokenizer, prompts, max_tokens, stop_ids):
+    """Greedy judgements by the frozen reference model of judge prompts (token ids), and their scores.
 
     Returns scores [M] (float), the judges' texts, and parse_failed [M] (bool). A judgement whose
     score does not parse gets the expected digit under the judge's probabilities of "0".."7"
-    right after "<Score>" is appended to its own text.
+    right after "<Score>" is appended to its own text (deviation 3).
     """
-    prompts = [chat_prompt(tokenizer, text) for text in judge_texts]
-    judged = unpad(*sample(judge, prompts, max_tokens, stop_ids, pad_id, temperature=0))
+    judged = unpad(*sample(judge, prompts, max_tokens, stop_ids, temperature=0))
     texts = tokenizer.batch_decode(judged, skip_special_tokens=True)
-    parsed = [parse_score(text) for text in texts]
-    scores = torch.tensor([float(s) if s is not None else float("nan") for s in parsed])  # [M]
+    scores = torch.tensor([float("nan") if s is None else float(s) for s in map(parse_score, texts)])  # [M]
     parse_failed = scores.isnan()  # [M]
     if parse_failed.any():
-        digit_ids = [tokenizer.encode(str(d), add_special_tokens=False)[-1] for d in range(8)]
-        score_tag = tokenizer.encode("\n<Score>", add_special_tokens=False)
         failed = parse_failed.nonzero().squeeze(1).tolist()
-        sequences = [prompts[i] + [t for t in judged[i] if t not in stop_ids] + score_tag for i in failed]
-        logits = last_token_logits(judge, sequences, pad_id)[:, digit_ids].float()  # [F, 8]
-        scores[parse_failed] = (logits.softmax(-1) @ torch.arange(8.0, device=logits.device)).cpu()
+        digit_ids = [tokenizer.encode(str(d), add_special_tokens=False)[-1] for d in range(8)]
+        logits = logits_after(judge, [prompts[i] for i in failed], [judged[i] for i in failed],
+                              tokenizer.encode("\n<Score>", add_special_tokens=False), stop_ids)
+        digit_probs = logits[:, digit_ids].float().softmax(-1)  # [F, 8]
+        scores[parse_failed] = (digit_probs @ torch.arange(8.0, device=digit_probs.device)).cpu()
     return scores, texts, parse_failed
 
 
 @torch.no_grad()
-def reward_model_scores(reward_model, reward_tokenizer, queries, answers):
+def reward_model_scores(reward_model, reward_tokenizer, queries, answers, date=None):
     """R from a sequence-classification reward model: one scalar per (query, answer), shape [M]."""
-    sequences = []
-    for query, answer in zip(queries, answers):
-        chat = [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]
-        text = reward_tokenizer.apply_chat_template(chat, tokenize=False)
-        sequences.append(reward_tokenizer(text, add_special_tokens=False).input_ids)
-    pad_id = reward_tokenizer.pad_token_id if reward_tokenizer.pad_token_id is not None else 0
-    input_ids, attention_mask = pad(sequences, pad_id, "left", reward_model.device)
+    sequences = [chat_ids(reward_tokenizer, [{"role": "user", "content": query}, {"role": "assistant", "content": answer}],
+                          add_generation_prompt=False, date=date) for query, answer in zip(queries, answers)]
+    input_ids, attention_mask = pad(sequences, "left", reward_model.device)
     # we pool the last column ourselves: with left padding it is every row's last real token,
     # whereas the built-in pooling searches for pad_token_id, which breaks when pad == EOS
     hidden = reward_model.base_model(input_ids=input_ids, attention_mask=attention_mask,
@@ -440,36 +447,43 @@ def reward_model_scores(reward_model, reward_tokenizer, queries, answers):
     return reward_model.score(hidden[:, -1]).squeeze(-1).float().cpu()  # [M]
 
 
-# ---------------------------------------------------------------------------------------------
-# Advantages (paper, step 4 of Algorithm 1)
-# ---------------------------------------------------------------------------------------------
+# --- Advantages (paper, step 4 of Algorithm 1) -----------------------------------------------
 
 
-def lsp_advantages(rewards, quality=None):
+INVALID_QUERY_PENALTY = 1.0  # how far, in reward units, an invalid query's advantage lies below the rest
+
+
+def lsp_advantages(rewards, quality=None, valid=None):
     """Group-relative advantages of LSP (or LSP-Zero when quality is None).
 
-    rewards, quality: [N, G] (R and R_Q of answer j to query i). Returns
-    (solver_advantages [N, G], challenger_advantages [N]):
+    rewards, quality: [N, G] (R and R_Q of answer j to query i); valid: bool [N], the queries that
+    were answered (default: all). Rows of invalid queries may hold anything, NaN included, and are
+    ignored. Returns (solver_advantages [N, G], challenger_advantages [N]):
         V(q_i)   = mean_j R(q_i, a_i^j)            V_Q(q_i) = mean_j R_Q(q_i, a_i^j)
         A_Sol    = (R + R_Q) - mean_j (R + R_Q)    (Solver reward R + R_Q)
         A_Ch     = c_i - mean_i c_i, c_i = -V(q_i) + V_Q(q_i)   (Challenger reward)
     With quality=None, A_Sol = R - V(q_i) and A_Ch = mean_i V - V(q_i), exactly as in LSP-Zero.
-    No division by the standard deviation, as in the paper.
+    No division by the standard deviation, as in the paper. The mean over i runs over valid queries;
+    an invalid query gets A_Sol = 0 and A_Ch = min(0, lowest valid A_Ch) - INVALID_QUERY_PENALTY, so it
+    is always pushed down, also when no query is valid (deviation 2).
     >>> lsp_advantages(torch.tensor([[1., 3.], [2., 2.]]))
     (tensor([[-1.,  1.],
             [ 0.,  0.]]), tensor([0., 0.]))
+    >>> lsp_advantages(torch.tensor([[1., 3.], [2., 2.], [9., 9.]]), valid=torch.tensor([True, True, False]))[1]
+    tensor([ 0.,  0., -1.])
     """
+    valid = torch.ones(len(rewards), dtype=torch.bool) if valid is None else valid
     values = rewards.mean(dim=1)  # [N]
     solver_rewards = rewards if quality is None else rewards + quality  # [N, G]
     challenger_rewards = -values if quality is None else -values + quality.mean(dim=1)  # [N]
     solver_advantages = solver_rewards - solver_rewards.mean(dim=1, keepdim=True)  # [N, G]
-    challenger_advantages = challenger_rewards - challenger_rewards.mean()  # [N]
-    return solver_advantages, challenger_advantages
+    challenger_advantages = challenger_rewards - challenger_rewards[valid].mean()  # [N]
+    worst = min(0.0, challenger_advantages[valid].min().item()) if valid.any() else 0.0
+    return (torch.where(valid[:, None], solver_advantages, 0.0),
+            torch.where(valid, challenger_advantages, worst - INVALID_QUERY_PENALTY))
 
 
-# ---------------------------------------------------------------------------------------------
-# Loss and update (paper, step 5 of Algorithm 1)
-# ---------------------------------------------------------------------------------------------
+# --- Loss and update (paper, step 5 of Algorithm 1) ------------------------------------------
 
 
 def k3_kl(logprobs, ref_logprobs, completion_mask):
@@ -482,12 +496,12 @@ def k3_kl(logprobs, ref_logprobs, completion_mask):
     return (log_ratio.exp() - log_ratio - 1) * completion_mask  # [B, T]
 
 
-def policy_update(policy, reference, optimizer, prompts, completions, advantages, weights, args, pad_id):
+def policy_update(policy, reference, optimizer, prompts, completions, advantages, weights, args):
     """One optimizer step on L = L_Sol + alpha_Ch * L_Ch over every sampled sequence.
 
     Each sequence s contributes weights[s] * -(A_s * log pi(s) - beta * KL(s)), where log pi(s)
-    and KL(s) are sums over its tokens: weights are 1/(N G) for answers and alpha_Ch / N for
-    queries (Eq. loss). On-policy, the paper's pi / stopgrad(pi) * A has the gradient of
+    and KL(s) are sums over its tokens: weights are 1/(N_valid G) for answers and alpha_Ch / N for
+    queries (Eq. loss, deviation 5). On-policy, the paper's pi / stopgrad(pi) * A has the gradient of
     A * log pi, which is what we differentiate. Returns per-sequence KL [S] and lengths [S],
     the loss, and the gradient norm; a non-finite loss or gradient skips the step.
     """
@@ -497,8 +511,8 @@ def policy_update(policy, reference, optimizer, prompts, completions, advantages
     for start in range(0, len(prompts), args.micro_batch_size):
         batch = slice(start, start + args.micro_batch_size)
         with torch.no_grad():
-            ref_logprobs, _ = token_logprobs(reference, prompts[batch], completions[batch], pad_id, args.temperature)
-        logprobs, completion_mask = token_logprobs(policy, prompts[batch], completions[batch], pad_id, args.temperature)
+            ref_logprobs, _ = token_logprobs(reference, prompts[batch], completions[batch], args.temperature)
+        logprobs, completion_mask = token_logprobs(policy, prompts[batch], completions[batch], args.temperature)
         seq_kl = k3_kl(logprobs, ref_logprobs, completion_mask).sum(-1)  # [b]
         seq_logprob = logprobs.sum(-1)  # [b]
         advantage = advantages[batch].to(seq_logprob.device)  # [b]
@@ -549,25 +563,31 @@ def adamw_8bit_stochastic_rounding(params, lr):
     return AdamW8bitStochasticRounding(params, lr=lr, weight_decay=0.0)
 
 
-# ---------------------------------------------------------------------------------------------
-# Training loop
-# ---------------------------------------------------------------------------------------------
+# --- One iteration (Algorithm 1) -------------------------------------------------------------
+
+
+def by_query(values, valid, group):
+    """Per-answer values [Nv * G] of the valid queries -> [N, G], with NaN rows for invalid queries."""
+    table = torch.full((len(valid), group), float("nan"))
+    table[valid] = values.view(-1, group)
+    return table
 
 
 class SelfPlay:
     """Holds the models and runs one LSP iteration at a time (`step`)."""
 
+    read_query = staticmethod(read_query)  # a hook: bench.py makes every query valid
+
     def __init__(self, args, policy, tokenizer, reference, reward_model=None, reward_tokenizer=None):
         self.args, self.policy, self.tokenizer, self.reference = args, policy, tokenizer, reference
         self.reward_model, self.reward_tokenizer = reward_model, reward_tokenizer
         self.stop_ids = stop_token_ids(policy, tokenizer)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         self.generator = torch.Generator(policy.device).manual_seed(args.seed)
         # 8-bit states (2 bytes per weight instead of 8) for bf16 weights on CUDA, plain AdamW in fp32 on a CPU
         self.optimizer = (adamw_8bit_stochastic_rounding(policy.parameters(), args.learning_rate)
                           if policy.device.type == "cuda" else
                           torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0))
-        self.challenger_prompt = chat_prompt(tokenizer, challenger_text(args.task, args.template))
+        self.challenger_prompt = self.user_turn(challenger_text(args.task, args.template))
 
     def state_dict(self):
         """All a resumed run needs besides the weights to continue exactly as if never stopped."""
@@ -583,117 +603,113 @@ class SelfPlay:
         if state["cuda_rng"]:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
 
+    def user_turn(self, text):
+        return chat_prompt(self.tokenizer, text, self.args.chat_date)
+
     def roll_out(self, prompts, max_tokens):
         """Sample with the policy at the training temperature; token lists of every completion."""
         args = self.args
-        return unpad(*sample(self.policy, prompts, max_tokens, self.stop_ids, self.pad_id,
-                             args.temperature, args.top_p, self.generator))
+        return unpad(*sample(self.policy, prompts, max_tokens, self.stop_ids, args.temperature, args.top_p,
+                             self.generator))
 
-    def judge(self, prompt_template, queries, answers):
-        texts = [prompt_template.format(instruction=q, response=a) for q, a in zip(queries, answers)]
-        return judge_scores(self.reference, self.tokenizer, texts, self.args.max_judge_tokens,
-                            self.stop_ids, self.pad_id)
+    def judge(self, prompt_template, queries, answers, judged, name):
+        """Scores [M] from the frozen judge; its texts and parse failures go into judged[name + ...]."""
+        prompts = [self.user_turn(prompt_template.format(instruction=q, response=a)) for q, a in zip(queries, answers)]
+        scores, judged[f"{name}_texts"], parse_failed = judge_scores(
+            self.reference, self.tokenizer, prompts, self.args.max_judge_tokens, self.stop_ids)
+        judged[f"{name}_parse_failed"] = parse_failed.tolist()
+        return scores
 
     def step(self):
         """One iteration of Algorithm 1. Returns (metrics dict, episode dicts, one per query)."""
-        args, tokenizer, timings = self.args, self.tokenizer, {}
-        num_queries, group = args.num_queries, args.num_generations
-        clock = time.perf_counter()
+        args, group, times, clock = self.args, self.args.num_generations, {}, [time.perf_counter()]
 
-        def lap(name):
-            nonlocal clock
-            timings[f"time/{name}"] = time.perf_counter() - clock
-            clock = time.perf_counter()
+        def lap(phase):
+            clock.append(time.perf_counter())
+            times[f"time/{phase}"] = clock[-1] - clock[-2]
 
-        # 1. The Challenger writes N queries from the same prompt.
-        query_tokens = self.roll_out([self.challenger_prompt] * num_queries, args.max_query_tokens)
-        queries, statuses = zip(*(read_query(tokenizer, t, self.stop_ids) for t in query_tokens))
-        valid = [i for i, status in enumerate(statuses) if status == "ok"]
-        query_metrics = {"query_invalid_rate": 1 - len(valid) / num_queries,
-                         "query_truncated_rate": statuses.count("truncated") / num_queries,
-                         "query_length": sum(map(len, query_tokens)) / num_queries}
-        episodes = [{"query": q, "query_status": s} for q, s in zip(queries, statuses)]
+        # 1. The Challenger writes N queries from the same prompt; empty or cut ones are invalid.
+        query_tokens = self.roll_out([self.challenger_prompt] * args.num_queries, args.max_query_tokens)
+        queries, statuses = zip(*(self.read_query(self.tokenizer, t, self.stop_ids) for t in query_tokens))
+        valid = torch.tensor([status == "ok" for status in statuses])  # [N]
         lap("challenger")
-        if not valid:  # nothing to answer: no learning signal this step
-            return {**query_metrics, "update_skipped": 1.0, **timings}, episodes
 
         # 2. The Solver answers each valid query G times, as a plain user turn.
-        answered_queries = [queries[i] for i in valid for _ in range(group)]
-        solver_prompts = [chat_prompt(tokenizer, q) for q in answered_queries]
-        answer_tokens = self.roll_out(solver_prompts, args.max_completion_length)
-        answers = tokenizer.batch_decode(answer_tokens, skip_special_tokens=True)
+        answered = [query for query, ok in zip(queries, valid) if ok for _ in range(group)]  # Nv * G
+        solver_prompts = [self.user_turn(query) for query in answered]
+        answer_tokens = self.roll_out(solver_prompts, args.max_completion_length) if answered else []
+        answers = [self.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in answer_tokens]
         lap("solver")
 
-        # 3. Rewards: R from the reward model (or the self-judge), R_Q from the frozen judge.
-        no_text, no_failure = [None] * len(answers), torch.zeros(len(answers), dtype=torch.bool)
-        if args.reward_model == "self":
-            rewards, reward_texts, reward_failed = self.judge(REWARD_PROMPT, answered_queries, answers)
-        else:
-            rewards = reward_model_scores(self.reward_model, self.reward_tokenizer, answered_queries, answers)
-            reward_texts, reward_failed = no_text, no_failure
-        rewards = rewards.view(len(valid), group)  # [Nv, G]
+        # 3. Rewards: R from the reward model (or the self-judge), R_Q from the frozen judge; [Nv * G] each.
+        rewards, quality, judged = torch.empty(0), torch.empty(0), {}
+        if answered and args.reward_model == "self":
+            rewards = self.judge(REWARD_PROMPT, answered, answers, judged, "reward_judge")
+        elif answered:
+            rewards = reward_model_scores(self.reward_model, self.reward_tokenizer, answered, answers, args.chat_date)
         lap("reward")
-        quality, quality_texts, quality_failed = None, no_text, no_failure
-        if not args.no_self_reward:
-            quality, quality_texts, quality_failed = self.judge(QUALITY_PROMPT, answered_queries, answers)
-            quality = quality.view(len(valid), group)  # [Nv, G]
+        if answered and not args.no_self_reward:
+            quality = self.judge(QUALITY_PROMPT, answered, answers, judged, "judge")
             lap("judge")
+        rewards = by_query(rewards, valid, group)  # [N, G], NaN rows for invalid queries
+        quality = None if args.no_self_reward else by_query(quality, valid, group)  # [N, G]
 
-        # 4. Advantages over the valid queries; invalid ones get the worst Challenger advantage.
-        solver_advantages, valid_challenger_advantages = lsp_advantages(rewards, quality)
-        challenger_advantages = valid_challenger_advantages.min().repeat(num_queries)  # [N]
-        challenger_advantages[valid] = valid_challenger_advantages
+        # 4. Group-relative advantages (deviation 2 for invalid queries).
+        solver_advantages, challenger_advantages = lsp_advantages(rewards, quality, valid)  # [N, G], [N]
 
-        # 5. One gradient step for both roles.
-        num_answers = len(answers)
+        # 5. One gradient step for both roles: queries weigh alpha_Ch / N, answers 1 / (Nv G).
         seq_kl, lengths, loss, grad_norm = policy_update(
             self.policy, self.reference, self.optimizer,
-            prompts=[self.challenger_prompt] * num_queries + solver_prompts,
+            prompts=[self.challenger_prompt] * args.num_queries + solver_prompts,
             completions=list(query_tokens) + answer_tokens,
-            advantages=torch.cat([challenger_advantages, solver_advantages.flatten()]),
-            weights=torch.cat([torch.full((num_queries,), args.alpha_ch / num_queries),
-                               torch.full((num_answers,), 1.0 / num_answers)]),
-            args=args, pad_id=self.pad_id)
+            advantages=torch.cat([challenger_advantages, solver_advantages[valid].flatten()]),
+            weights=torch.cat([torch.full((args.num_queries,), args.alpha_ch / args.num_queries),
+                               torch.full((len(answers),), 1 / max(1, len(answers)))]),
+            args=args)
         lap("update")
 
-        nonfinite = not (math.isfinite(loss) and math.isfinite(grad_norm))  # policy_update skipped the step
+        rewards, solver_advantages = rewards[valid], solver_advantages[valid]  # [Nv, G]: the answered queries
+        quality = None if quality is None else quality[valid]  # [Nv, G]
         token_kl = seq_kl / lengths  # [S]: mean KL per token of each sequence
-        challenger_rewards = -rewards.mean(1) + (0 if quality is None else quality.mean(1))  # [Nv]
-        metrics = {
-            "reward": rewards.mean().item(),
-            "reward_std": rewards.std().item(),
-            "frac_reward_zero_std": (rewards.std(dim=1) == 0).float().mean().item(),
-            "self_reward": None if quality is None else quality.mean().item(),
-            "self_reward_std": None if quality is None else quality.std().item(),
-            "challenger_reward": challenger_rewards.mean().item(),
-            "solver_advantage_abs": solver_advantages.abs().mean().item(),
-            "challenger_advantage_abs": challenger_advantages.abs().mean().item(),
-            "kl": token_kl.mean().item(),
-            "kl_challenger": token_kl[:num_queries].mean().item(),
-            "kl_solver": token_kl[num_queries:].mean().item(),
-            "loss": loss,
-            "grad_norm": grad_norm,
-            "update_skipped": float(nonfinite),
-            "nonfinite_update": float(nonfinite),
-            **query_metrics,
-            "answer_length": lengths[num_queries:].mean().item(),
-            "answer_clipped_rate": sum(t[-1] not in self.stop_ids for t in answer_tokens) / num_answers,
-            "reward_parse_failure_rate": reward_failed.float().mean().item(),
-            "judge_parse_failure_rate": quality_failed.float().mean().item(),
-            **timings,
-        }
-        for episode, advantage in zip(episodes, challenger_advantages.tolist()):
-            episode["challenger_advantage"] = advantage
-        for row, i in enumerate(valid):
-            answer_slice = slice(row * group, (row + 1) * group)
-            episodes[i].update(
-                answers=answers[answer_slice],
-                rewards=rewards[row].tolist(), self_rewards=None if quality is None else quality[row].tolist(),
-                solver_advantages=solver_advantages[row].tolist(),
-                reward_judge_texts=reward_texts[answer_slice], judge_texts=quality_texts[answer_slice],
-                reward_parse_failed=reward_failed[answer_slice].tolist(),
-                judge_parse_failed=quality_failed[answer_slice].tolist())
-        return metrics, episodes
+        metrics = {"kl": token_kl.mean().item(), "kl_challenger": token_kl[:args.num_queries].mean().item(),
+                   "loss": loss, "grad_norm": grad_norm,
+                   "update_skipped": float(not (math.isfinite(loss) and math.isfinite(grad_norm))),
+                   "challenger_advantage_abs": challenger_advantages.abs().mean().item(),
+                   "query_invalid_rate": 1 - valid.float().mean().item(),
+                   "query_truncated_rate": statuses.count("truncated") / args.num_queries,
+                   "query_length": lengths[:args.num_queries].mean().item(), **times}
+        if answers:  # the rest describes answers: absent from a step with no valid query
+            metrics.update({
+                "reward": rewards.mean().item(), "reward_std": rewards.std().item(),
+                "frac_reward_zero_std": (rewards.std(dim=1) == 0).float().mean().item(),
+                "challenger_reward": ((0 if quality is None else quality) - rewards).mean().item(),  # -V + V_Q
+                "solver_advantage_abs": solver_advantages.abs().mean().item(),
+                "kl_solver": token_kl[args.num_queries:].mean().item(),
+                "answer_length": lengths[args.num_queries:].mean().item(),
+                "answer_clipped_rate": sum(t[-1] not in self.stop_ids for t in answer_tokens) / len(answers),
+                **{name.replace("_failed", "_failure_rate"): sum(failed) / len(failed)
+                   for name, failed in judged.items() if name.endswith("_failed")}})
+            if quality is not None:
+                metrics.update(self_reward=quality.mean().item(), self_reward_std=quality.std().item())
+        return metrics, episode_records(queries, statuses, answers, rewards, quality, solver_advantages,
+                                        challenger_advantages, judged, group)
+
+
+def episode_records(queries, statuses, answers, rewards, quality, solver_advantages, challenger_advantages,
+                    judged, group):
+    """One dict per query for episodes.jsonl: what the Challenger wrote and, if it was answered, what
+    followed. rewards, quality and solver_advantages hold the answered queries' rows only, [Nv, G]."""
+    episodes, row = [], 0
+    for query, status, advantage in zip(queries, statuses, challenger_advantages.tolist()):
+        episodes.append({"query": query, "query_status": status, "challenger_advantage": advantage})
+        if status == "ok":
+            mine = slice(row * group, (row + 1) * group)
+            episodes[-1].update(answers=answers[mine], rewards=rewards[row].tolist(),
+                                self_rewards=None if quality is None else quality[row].tolist(),
+                                solver_advantages=solver_advantages[row].tolist(),
+                                **{name: values[mine] for name, values in judged.items()})
+            row += 1
+    return episodes
 
 
 def show_example(step, episodes):
@@ -707,15 +723,24 @@ def show_example(step, episodes):
     tqdm.write(f"--- step {step}: no valid query ({[e['query_status'] for e in episodes]})")
 
 
+# --- Checkpoints and resuming ----------------------------------------------------------------
+
+
 def json_line(record):
     # NaN and inf are not JSON: the loss of a skipped non-finite update is written as null
     return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
                        for k, v in record.items()}) + "\n"
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints and resuming
-# ---------------------------------------------------------------------------------------------
+def read_jsonl(path):
+    """The records of a JSONL file; a line cut short by a kill (only ever the last one) is skipped."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def write_atomically(path, text):
@@ -748,19 +773,10 @@ def save_checkpoint(selfplay, out, step, keep):
 
 
 def restore_log(path, last_step):
-    """Keep the lines of steps up to last_step, the last checkpoint: a resumed run writes the later
-    steps again. A line cut short by a kill (only ever the last one) is dropped."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record["step"] <= last_step:
-            kept.append(line + "\n")
-    write_atomically(path, "".join(kept))
+    """Keep the records of steps up to last_step, the last checkpoint: a resumed run writes the later
+    steps again. A line cut short by a kill is dropped."""
+    if path.exists():
+        write_atomically(path, "".join(json_line(r) for r in read_jsonl(path) if r["step"] <= last_step))
 
 
 class StopRequest:
@@ -783,16 +799,14 @@ class StopRequest:
         tqdm.write(f"{signal.Signals(signum).name}: saving after this step (Ctrl-C again stops now, without saving)")
 
 
-# ---------------------------------------------------------------------------------------------
-# Training loop
-# ---------------------------------------------------------------------------------------------
+# --- Training loop ---------------------------------------------------------------------------
 
-MAX_NONFINITE_IN_A_ROW = 10  # more skipped updates than this in a row: the run has diverged
+MAX_SKIPPED_IN_A_ROW = 10  # more non-finite updates than this in a row: the run has diverged
 
 
 def train(args, selfplay, start_step=0):
     out = Path(args.out)
-    nonfinite_in_a_row = 0
+    skipped_in_a_row = 0
     with StopRequest() as stop, open(out / "metrics.jsonl", "a") as metrics_file, \
             open(out / "episodes.jsonl", "a") as episodes_file:
         bar = tqdm(range(start_step + 1, args.steps + 1), initial=start_step, total=args.steps,
@@ -806,15 +820,17 @@ def train(args, selfplay, start_step=0):
             episodes_file.flush()
             bar.set_postfix({name: f"{metrics[name]:.4g}" for name in ("reward", "self_reward", "kl")
                              if metrics.get(name) is not None})
+            if step == 1:  # nonzero only if the reference is not the starting model, e.g. an NF4 copy
+                tqdm.write(f"step 1: KL to the reference {metrics['kl']:.3g} nats per token (0 when the reference "
+                           "is exactly the starting model; with --load-in-4bit, the NF4 rounding error)")
             if step % args.log_every == 0 or step == 1:
                 show_example(step, episodes)
-            if "nonfinite_update" in metrics:  # a step with no valid query tried no update
-                nonfinite_in_a_row = nonfinite_in_a_row + 1 if metrics["nonfinite_update"] else 0
-            if metrics.get("nonfinite_update"):
-                tqdm.write(f"step {step}: non-finite loss or gradient, update skipped ({nonfinite_in_a_row} in a row)")
-            if nonfinite_in_a_row == MAX_NONFINITE_IN_A_ROW:
+            skipped_in_a_row = skipped_in_a_row + 1 if metrics["update_skipped"] else 0
+            if metrics["update_skipped"]:
+                tqdm.write(f"step {step}: non-finite loss or gradient, update skipped ({skipped_in_a_row} in a row)")
+            if skipped_in_a_row == MAX_SKIPPED_IN_A_ROW:
                 newest = checkpoints(out)[-1:] or ["none yet"]
-                sys.exit(f"error: {MAX_NONFINITE_IN_A_ROW} updates in a row had a non-finite loss or gradient, so the "
+                sys.exit(f"error: {MAX_SKIPPED_IN_A_ROW} updates in a row had a non-finite loss or gradient, so the "
                          f"run stops. Skipped updates leave the policy unchanged; the newest checkpoint is {newest[0]}. "
                          f"Look at {out / 'metrics.jsonl'} (loss, grad_norm, kl), then start a new run with a "
                          "lower --learning-rate or --max-grad-norm.")
@@ -826,9 +842,7 @@ def train(args, selfplay, start_step=0):
     tqdm.write(f"done: {args.steps} steps; metrics in {out / 'metrics.jsonl'}, model in {checkpoints(out)[-1]}")
 
 
-# ---------------------------------------------------------------------------------------------
-# Main
-# ---------------------------------------------------------------------------------------------
+# --- Main ------------------------------------------------------------------------------------
 
 
 def memory_problem(args, num_params, gpu_bytes):
@@ -869,7 +883,8 @@ def start(args):
     selfplay = SelfPlay(args, policy, tokenizer, reference, reward_model, reward_tokenizer)
     start_step = 0
     if saved:
-        state = torch.load(saved[-1] / "trainer_state.pt", map_location=device, weights_only=True)
+        # on the CPU: RNG states must stay CPU byte tensors; the optimizer moves its own states to the GPU
+        state = torch.load(saved[-1] / "trainer_state.pt", map_location="cpu", weights_only=True)
         selfplay.load_state_dict(state)
         start_step = state["step"]
         tqdm.write(f"resuming {out} from {saved[-1].name}")
@@ -898,10 +913,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] in (["eval"], ["plot"]):
-        # `python lsp.py eval|plot ...` runs eval.py, imported only then; the alias keeps the name
-        # `eval` from shadowing Python's builtin eval()
-        from eval import main as eval_main
-        eval_main(sys.argv[1:])
-    else:
-        main()
+    main()

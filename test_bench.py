@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 HERE = Path(__file__).parent
 NUMBER = re.compile(r"-?[\d,]*\.?\d+|nan|inf", re.IGNORECASE)
@@ -29,3 +30,14 @@ def test_tiny_preset_prints_a_table_of_finite_positive_numbers():
         value = float(NUMBER.search(rows[name]).group().replace(",", ""))
         assert math.isfinite(value) and value > 0, (name, rows[name])
     assert "2 queries x 2 answers" in rows["LSP iteration settings"]
+
+
+def test_worst_case_changes_one_trainer_and_leaves_the_lsp_module_alone():
+    import bench
+    import lsp
+    original = lsp.read_query
+    selfplay = SimpleNamespace(stop_ids=[1])
+    bench.worst_case(selfplay)
+    assert lsp.read_query is original and lsp.SelfPlay.read_query is original  # no process-wide patch
+    tokenizer = SimpleNamespace(decode=lambda tokens, skip_special_tokens: "cut off here")
+    assert selfplay.read_query(tokenizer, [5, 6], []) == ("cut off here", "ok") and selfplay.stop_ids == []
