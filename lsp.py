@@ -615,8 +615,8 @@ class SelfPlay:
         outputs = unpad(*sample(self.reference, prompts, self.args.max_judge_tokens, self.stop_ids, temperature=0))
         judged[f"{name}_texts"] = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in outputs]
         scores = torch.tensor([float("nan" if s is None else s) for s in map(parse_score, judged[f"{name}_texts"])])
-        failed = scores.isnan().nonzero().squeeze(1).tolist()
         judged[f"{name}_parse_failed"] = scores.isnan().tolist()
+        failed = [i for i, parse_failed in enumerate(judged[f"{name}_parse_failed"]) if parse_failed]
         if failed:
             digit_ids = [tokenizer.encode(str(d), add_special_tokens=False)[-1] for d in range(8)]
             logits = logits_after(self.reference, [prompts[i] for i in failed], [outputs[i] for i in failed],
