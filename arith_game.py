@@ -27,7 +27,8 @@ import argparse
 import random
 import re
 
-TASK = "arithmetic with whole numbers, using +, - and *"
+# The examples help a small model write a problem at all; none of them is a held-out or dev problem.
+TASK = "arithmetic with whole numbers, using +, - and *, for example 6 + 9, 23 * 3 or 58 - 19"
 TEMPLATE = "What is {expression}? Answer with the number only."
 
 # Bounds on one expression: generous for any problem a small model can be asked, tight enough

@@ -166,8 +166,8 @@ def worst_case(selfplay):
     Random weights would otherwise never stop a query, the step would count them all as truncated and
     return after the Challenger; real weights would make the work vary from run to run. The longest
     sequences are also what a time and memory budget must hold."""
-    selfplay.stop_ids = []
-    selfplay.read_query = lambda tokenizer, tokens, stop_ids: (tokenizer.decode(tokens, skip_special_tokens=True), "ok")
+    selfplay.stop_ids = selfplay.query_stop_ids = []
+    selfplay.read_query = lambda tokenizer, tokens, *_: (tokenizer.decode(tokens, skip_special_tokens=True), "ok")
 
 
 def row(name, value):

@@ -30,7 +30,9 @@ Deviations and choices where the paper is silent:
        top-p 1.0 (log-probs use the temperature, not top-p), greedy judging, AdamW (0.9/0.999, no
        weight decay), clipping at 1.0, up to 256 query, 512 answer and 256 judge tokens.
     7. On CUDA the policy trains in bf16 with 8-bit AdamW; its updates are applied by stochastic
-       rounding, since at lr 3e-6 rounding to nearest would drop almost all of them.
+       rounding, since at lr 3e-6 rounding to nearest would drop almost all of them. On a CPU with
+       native bf16 (`cpu_has_bf16`) matrix products run in bf16 under autocast, and the weights,
+       gradients and Adam states stay float32 (--cpu-bf16).
 
 Run:
     python lsp.py --model smollm2 --reward-model self --steps 3 --num-queries 4 \
@@ -82,6 +84,8 @@ def build_parser():
     # self-play
     parser.add_argument("--task", default="", help="task name for the Challenger prompt (empty: free-form)")
     parser.add_argument("--template", default="", help="query template for the Challenger prompt (empty: none)")
+    parser.add_argument("--fill-template", action="store_true",
+                        help="the Challenger writes only the template's {placeholder}, the trainer the rest (for small models)")
     parser.add_argument("--queries", help="train the Solver on these queries (one per line, or JSONL with an "
                         "'instruction' field) instead of the Challenger's: the paper's GRPO-with-data baseline")
     parser.add_argument("--num-queries", type=int, default=8, help="N: Challenger queries per iteration")
@@ -92,6 +96,8 @@ def build_parser():
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for both roles")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling for both roles")
     parser.add_argument("--chat-date", help="date that chat templates print (Llama 3); default: the run's first day")
+    parser.add_argument("--cpu-bf16", choices=["auto", "on", "off"], default="auto",
+                        help="bf16 matrix products on a CPU (float32 weights stay); auto: where the CPU has native bf16")
     # optimization
     parser.add_argument("--steps", type=int, default=1500, help="iterations, one optimizer step each")
     parser.add_argument("--learning-rate", type=float, default=3e-6, help="AdamW learning rate (the paper's 3e-6)")
@@ -156,6 +162,8 @@ def parse_args(argv=None):
     if changed:
         parser.error(f"{args.out} holds a run started with other options: {', '.join(changed)}. Continue it "
                      f"with `python lsp.py --resume {args.out}`, or choose another --out.")
+    if args.fill_template and len(PLACEHOLDER.findall(args.template)) != 1:
+        parser.error(f"--fill-template needs a --template with exactly one {{placeholder}}, got {args.template!r}")
     if args.queries:
         read_instructions(args.queries)  # exits with a message if the file cannot serve
     if not saved and Path(args.out).is_dir() and any(Path(args.out).iterdir()):
@@ -248,6 +256,12 @@ def read_instructions(path):
     if not lines:
         sys.exit(f"error: {path} holds no instructions")
     return lines
+
+
+def cpu_has_bf16():
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX-512 BF16 or AMX): there bf16 runs 2-3x faster
+    than float32; elsewhere it is emulated and slower, so float32 stays."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def freeze(model):
@@ -388,13 +402,24 @@ def challenger_text(task, template):
     return CHALLENGER_PROMPT.format(task=task or "None", template=template or "None")
 
 
-def read_query(tokenizer, tokens, stop_ids):
-    """(query text, status) of one Challenger sample; status is 'ok', 'empty' or 'truncated'."""
+PLACEHOLDER = re.compile(r"\{[^{}]*\}")  # "{expression}" in a --template
+
+
+def read_query(tokenizer, tokens, stop_ids, template=None):
+    """(query text, status) of one Challenger sample; status is 'ok', 'empty' or 'truncated'.
+    With a template (--fill-template) the sample is the placeholder's text: it ends before the
+    template's next character (its token is a stop token then) and the query is the filled template."""
     text = tokenizer.decode(tokens, skip_special_tokens=True)
     # the prompt asks for no tags, but small models often copy them
     text = text.replace("[Start Generation]", "").replace("[End Generation]", "").strip()
     if not tokens or tokens[-1] not in stop_ids:
         return text, "truncated"
+    if template:
+        before, after = PLACEHOLDER.split(template)
+        end = after.strip()[:1]  # "?" in "What is {expression}? Answer with the number only."
+        text = text.split(end)[0].strip() if end else text
+        if text:
+            text = before + text + after
     return text, "ok" if text else "empty"
 
 
@@ -580,11 +605,22 @@ class SelfPlay:
         self.dataset = read_instructions(args.queries) if args.queries else None
         self.stop_ids = stop_token_ids(policy, tokenizer)
         self.generator = torch.Generator(policy.device).manual_seed(args.seed)
+        self.cpu_bf16 = policy.device.type == "cpu" and (
+            args.cpu_bf16 == "on" or (args.cpu_bf16 == "auto" and cpu_has_bf16()))
         # 8-bit states (2 bytes per weight instead of 8) for bf16 weights on CUDA, plain AdamW in fp32 on a CPU
         self.optimizer = (adamw_8bit_stochastic_rounding(policy.parameters(), args.learning_rate)
                           if policy.device.type == "cuda" else
                           torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0))
         self.challenger_prompt = self.user_turn(challenger_text(args.task, args.template))
+        self.query_stop_ids, self.query_template = self.stop_ids, None
+        if args.fill_template:  # the Challenger's turn starts with the template's text before the placeholder...
+            before, after = PLACEHOLDER.split(args.template)
+            self.challenger_prompt += tokenizer(before.rstrip(), add_special_tokens=False).input_ids
+            # ...and ends at the first token holding the template's next character (see read_query)
+            end = after.strip()[:1]
+            self.query_stop_ids = sorted(set(self.stop_ids) | {
+                i for i in range(len(tokenizer)) if end and end in tokenizer.decode([i])})
+            self.query_template = args.template
 
     def state_dict(self):
         """All a resumed run needs besides the weights to continue exactly as if never stopped."""
@@ -600,9 +636,9 @@ class SelfPlay:
     def user_turn(self, text):
         return chat_prompt(self.tokenizer, text, self.args.chat_date)
 
-    def roll_out(self, prompts, max_tokens):
+    def roll_out(self, prompts, max_tokens, stop_ids):
         """Sample with the policy at the training temperature; token lists of every completion."""
-        return unpad(*sample(self.policy, prompts, max_tokens, self.stop_ids, self.args.temperature,
+        return unpad(*sample(self.policy, prompts, max_tokens, stop_ids, self.args.temperature,
                              self.args.top_p, self.generator))
 
     @torch.no_grad()
@@ -622,7 +658,7 @@ class SelfPlay:
             logits = logits_after(self.reference, [prompts[i] for i in failed], [outputs[i] for i in failed],
                                   tokenizer.encode("\n<Score>", add_special_tokens=False), self.stop_ids)
             digit_probs = logits[:, digit_ids].float().softmax(-1)  # [F, 8]
-            scores[failed] = (digit_probs @ torch.arange(8.0, device=digit_probs.device)).cpu()
+            scores[failed] = (digit_probs * torch.arange(8.0, device=digit_probs.device)).sum(-1).cpu()  # E[digit]
         return scores  # [M]
 
     def task_rewards(self, queries, answers, judged):
@@ -639,6 +675,10 @@ class SelfPlay:
 
     def step(self):
         """One iteration of Algorithm 1. Returns (metrics dict, episode dicts, one per query)."""
+        with torch.autocast("cpu", torch.bfloat16, enabled=self.cpu_bf16):  # deviation 7
+            return self.iteration()
+
+    def iteration(self):
         args, group, times, clock = self.args, self.args.num_generations, {}, [time.perf_counter()]
 
         def lap(phase):
@@ -652,8 +692,10 @@ class SelfPlay:
                                   device=self.generator.device).tolist()
             query_tokens, queries, statuses = [], [self.dataset[i] for i in picks], ["ok"] * args.num_queries
         else:
-            query_tokens = self.roll_out([self.challenger_prompt] * args.num_queries, args.max_query_tokens)
-            queries, statuses = zip(*(self.read_query(self.tokenizer, t, self.stop_ids) for t in query_tokens))
+            query_tokens = self.roll_out([self.challenger_prompt] * args.num_queries, args.max_query_tokens,
+                                         self.query_stop_ids)
+            queries, statuses = zip(*(self.read_query(self.tokenizer, t, self.query_stop_ids, self.query_template)
+                                      for t in query_tokens))
         if self.reward_function:  # None, whatever the answer, marks a query that is not a valid problem
             scorable = score_with_function(self.reward_function, queries, [""] * len(queries)).isfinite()
             statuses = [status if ok or status != "ok" else "unscorable" for status, ok in zip(statuses, scorable)]
@@ -663,7 +705,7 @@ class SelfPlay:
         # 2. The Solver answers each valid query G times, as a plain user turn.
         answered = [query for query, ok in zip(queries, valid) if ok for _ in range(group)]  # Nv * G
         solver_prompts = [self.user_turn(query) for query in answered]
-        answer_tokens = self.roll_out(solver_prompts, args.max_completion_length) if answered else []
+        answer_tokens = self.roll_out(solver_prompts, args.max_completion_length, self.stop_ids) if answered else []
         answers = [self.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in answer_tokens]
         lap("solver")
 

@@ -3,6 +3,7 @@ the Solver's final answer, the reward, difficulty, the problem sets and the CLI.
 and pytest only; the whole file runs in a few seconds on a CPU."""
 
 import builtins
+import re
 import string
 import subprocess
 import sys
@@ -25,6 +26,13 @@ def test_template_has_one_placeholder_and_fills_the_challenger_prompt():
     assert fields == ["expression"]
     prompt = CHALLENGER_PROMPT.format(task=game.TASK, template=game.TEMPLATE)
     assert game.TEMPLATE in prompt and game.TASK in prompt
+
+
+def test_the_tasks_examples_are_valid_problems_outside_the_held_out_and_dev_sets():
+    examples = re.search(r"for example (.*)", game.TASK).group(1).replace(" or ", ", ").split(", ")
+    kept_apart = {row["query"] for row in game.heldout_set() + game.dev_set()}
+    assert len(examples) == 3 and all(game.true_answer(query(e)) is not None for e in examples)
+    assert not kept_apart & {query(e) for e in examples}
 
 
 @pytest.mark.parametrize("expression, value", [

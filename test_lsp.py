@@ -202,6 +202,32 @@ def test_chunked_log_probs_give_the_same_gradient(tiny_model, monkeypatch):
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
 
 
+def test_bf16_autocast_gives_the_float32_log_probs_within_a_hundredth_of_a_nat(tiny_model):
+    prompts, completions = [[3, 4, 5, 6], [7, 8]], [[9, 10, 11, 12, 13], [14, 15]]
+    exact, mask = lsp.token_logprobs(tiny_model, prompts, completions, temperature=1.0)
+    with torch.autocast("cpu", torch.bfloat16):
+        rounded, _ = lsp.token_logprobs(tiny_model, prompts, completions, temperature=1.0)
+    difference = (exact - rounded).abs()[mask.bool()]
+    assert rounded.dtype == torch.float32 and 0 < difference.max() < 0.01  # bf16 did run, and changed little
+
+
+@pytest.mark.parametrize("setting, hardware, expected", [
+    ("auto", True, True), ("auto", False, False), ("on", False, True), ("off", True, False)])
+def test_cpu_bf16_runs_the_step_under_autocast_and_keeps_float32_weights(
+        tmp_path, smol_tokenizer, monkeypatch, setting, hardware, expected):
+    monkeypatch.setattr(lsp, "cpu_has_bf16", lambda: hardware)
+    selfplay = scripted_selfplay(tmp_path, smol_tokenizer, [["q1", "q2", "q3"], ["a"] * 6], "--cpu-bf16", setting)
+    seen = []
+    real_update = lsp.policy_update
+    monkeypatch.setattr(lsp, "policy_update",
+                        lambda *a, **kw: seen.append(torch.is_autocast_enabled("cpu")) or real_update(*a, **kw))
+    selfplay.step()
+    assert selfplay.cpu_bf16 == expected and seen == [expected]
+    assert all(p.dtype == torch.float32 for p in selfplay.policy.parameters())
+    assert all(v.dtype == torch.float32 for state in selfplay.optimizer.state.values() for v in state.values()
+               if v.dim() > 0)
+
+
 def test_kl_is_zero_when_policy_equals_reference(tmp_path, tiny_model):
     logprobs, completion_mask = lsp.token_logprobs(tiny_model, PROMPTS, COMPLETIONS, 1.0)
     assert not lsp.k3_kl(logprobs, logprobs, completion_mask).any()
@@ -302,6 +328,41 @@ def test_read_query_statuses(smol_tokenizer):
     assert lsp.read_query(smol_tokenizer, tokens, stop) == ("Write a poem.", "truncated")
     assert lsp.read_query(smol_tokenizer, smol_tokenizer.encode("  \n ") + stop, stop)[1] == "empty"
     assert lsp.read_query(smol_tokenizer, stop, stop) == ("", "empty")
+
+
+GAME_TEMPLATE = "What is {expression}? Answer with the number only."
+
+
+def test_read_query_fills_a_template_with_the_text_before_its_next_character(smol_tokenizer):
+    stop = [smol_tokenizer.eos_token_id]
+
+    def read(text, end=stop):
+        return lsp.read_query(smol_tokenizer, smol_tokenizer.encode(text) + end, stop, GAME_TEMPLATE)
+    assert read(" 4 + 7?\n") == ("What is 4 + 7? Answer with the number only.", "ok")
+    assert read(" 12 * 3") == ("What is 12 * 3? Answer with the number only.", "ok")  # ended by EOS: all of it
+    assert read(" ?") == ("", "empty") and read("") == ("", "empty")
+    assert read(" 4 + 7", end=[])[1] == "truncated"
+    # a template whose placeholder ends it: the text is taken whole
+    assert lsp.read_query(smol_tokenizer, smol_tokenizer.encode("Hi? there") + stop, stop, "Say: {x}") == (
+        "Say: Hi? there", "ok")
+
+
+def test_fill_template_starts_the_challenger_turn_and_stops_it_at_the_next_character(tmp_path, smol_tokenizer):
+    selfplay = tiny_selfplay(tmp_path, smol_tokenizer, "--fill-template", "--template", GAME_TEMPLATE)
+    plain = tiny_selfplay(tmp_path, smol_tokenizer, "--template", GAME_TEMPLATE)
+    prefill = smol_tokenizer.encode("What is", add_special_tokens=False)
+    assert selfplay.challenger_prompt == plain.challenger_prompt + prefill
+    question_marks = {i for i in range(len(smol_tokenizer)) if "?" in smol_tokenizer.decode([i])}
+    assert len(question_marks) > 1 and set(selfplay.query_stop_ids) == question_marks | set(plain.stop_ids)
+    assert plain.query_stop_ids == plain.stop_ids and selfplay.stop_ids == plain.stop_ids  # the Solver's stay
+    import arith_game
+    game = scripted_selfplay(tmp_path, smol_tokenizer, [[" 2 + 3?", " 5 * 6?\n", " hi"], ["5", "4", "30", "31"]],
+                             "--fill-template", "--template", GAME_TEMPLATE, "--no-self-reward",
+                             reward_function=arith_game.reward)
+    episodes = game.step()[1]
+    assert [e["query"] for e in episodes] == [GAME_TEMPLATE.format(expression=e) for e in ("2 + 3", "5 * 6", "hi")]
+    assert [e["query_status"] for e in episodes] == ["ok", "ok", "unscorable"]
+    assert [e["rewards"] for e in episodes[:2]] == [[1.0, 0.0], [1.0, 0.0]]
 
 
 def test_challenger_prompt_fills_task_and_template():
@@ -447,7 +508,7 @@ def test_output_that_cannot_be_answered_is_counted_and_made_less_likely_even_whe
     selfplay = tiny_selfplay(tmp_path, smol_tokenizer)
     eos = smol_tokenizer.eos_token_id
     empty, blank, cut = [eos], smol_tokenizer.encode(" \n\t ") + [eos], smol_tokenizer.encode("Write a")
-    selfplay.roll_out = lambda prompts, max_tokens: [empty, blank, cut]  # what the Challenger wrote
+    selfplay.roll_out = lambda prompts, max_tokens, stop_ids: [empty, blank, cut]  # what the Challenger wrote
 
     def query_logprobs():
         with torch.no_grad():
@@ -503,7 +564,7 @@ def test_a_step_weighs_queries_by_alpha_over_n_and_answers_by_one_over_the_answe
     eos = smol_tokenizer.eos_token_id
     queries = [smol_tokenizer.encode("Name a colour.") + [eos], [eos], smol_tokenizer.encode("Write a")]
     rolled = iter([queries, [[eos], [eos]]])  # the Challenger's 3 queries, then the Solver's 2 answers to the valid one
-    selfplay.roll_out = lambda prompts, max_tokens: next(rolled)
+    selfplay.roll_out = lambda prompts, max_tokens, stop_ids: next(rolled)
     seen = {}
     real_update = lsp.policy_update
     monkeypatch.setattr(lsp, "policy_update", lambda *a, **kw: seen.update(kw) or real_update(*a, **kw))
@@ -713,6 +774,8 @@ def test_out_of_memory_stops_with_the_options_that_save_memory(tmp_path, tiny_mo
     (["--top-p", "0"], "--top-p must be in (0, 1]"),
     (["--temperature", "0"], "must be > 0"),
     (["--load-in-4bit"], "needs a CUDA GPU"),
+    (["--fill-template", "--template", "What is it?"], "exactly one {placeholder}"),
+    (["--fill-template", "--template", "{a} + {b}"], "exactly one {placeholder}"),
 ])
 def test_bad_options_are_rejected_with_a_message(argv, message, capsys):
     if "--load-in-4bit" in argv and torch.cuda.is_available():
@@ -843,7 +906,7 @@ def scripted_selfplay(tmp_path, tokenizer, texts_per_call, *extra, reward_functi
     selfplay.reward_function = reward_function
     eos = tokenizer.eos_token_id
     calls = iter([[tokenizer.encode(text) + [eos] for text in texts] for texts in texts_per_call])
-    selfplay.roll_out = lambda prompts, max_tokens: next(calls)
+    selfplay.roll_out = lambda prompts, max_tokens, stop_ids: next(calls)
     return selfplay
 
 
@@ -901,8 +964,11 @@ def test_script_plays_two_steps_of_the_game_on_a_tiny_model(tmp_path, tiny_model
     out = tmp_path / "run"
     result = subprocess.run(tiny_run(tiny_model_dir, out, "--reward-model", f"{HERE / 'arith_game.py'}:reward",
                                      "--no-self-reward", "--task", arith_game.TASK, "--template", arith_game.TEMPLATE,
-                                     "--steps", "2"), env=OFFLINE, capture_output=True, text=True, timeout=300)
+                                     "--fill-template", "--steps", "2"),
+                            env=OFFLINE, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = read_jsonl(out / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2] and all("query_unscorable_rate" in m for m in metrics)
     assert lsp.checkpoints(out)[-1].name == "checkpoint-000002"
+    queries = [e["query"] for e in read_jsonl(out / "episodes.jsonl") if e["query_status"] != "truncated"]
+    assert all(q.startswith("What is ") and q.endswith("? Answer with the number only.") for q in queries)
