@@ -339,7 +339,18 @@ PANELS = [  # (title, metrics drawn in it)
     ("KL to the reference, per token", ["kl"]),
     ("length (tokens)", ["answer_length", "query_length"]),
     ("failure rates", ["reward_judge_parse_failure_rate", "judge_parse_failure_rate", "query_invalid_rate"]),
+    ("arithmetic game: digits per problem", ["problem_digits"]),
 ]
+
+
+def problem_digits_by_step(run_dir):
+    """{step: mean arith_game.difficulty (operand digits) of the step's valid game problems}; {} for other runs."""
+    path, digits = Path(run_dir) / "episodes.jsonl", {}
+    for episode in lsp.read_jsonl(path) if path.is_file() else []:
+        value = arith_game.difficulty(episode["query"])
+        if value is not None:
+            digits.setdefault(episode["step"], []).append(value)
+    return {step: statistics.fmean(values) for step, values in digits.items()}
 
 
 def moving_average(values, window):
@@ -361,8 +372,10 @@ def plot(args):
     rows = lsp.read_jsonl(path)  # a line cut by a kill is skipped
     if not rows:
         sys.exit(f"error: {path} holds no steps")
+    digits = problem_digits_by_step(args.run_dir)
+    rows = [{**row, "problem_digits": digits.get(row["step"])} for row in rows]
     window = max(1, min(50, len(rows) // 10))
-    figure, axes = plt.subplots(2, 3, figsize=(15, 8), sharex=True, constrained_layout=True)
+    figure, axes = plt.subplots(2, 4, figsize=(20, 8), sharex=True, constrained_layout=True)
     for ax, (title, names) in zip(axes.flat, PANELS):
         for color, name in zip(("C0", "C1", "C2"), names):
             # a step without the metric (null in LSP-Zero, NaN, or a step with no valid query) is left out
@@ -377,7 +390,7 @@ def plot(args):
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
-        else:  # e.g. the self-reward of an LSP-Zero run
+        else:  # e.g. the self-reward of an LSP-Zero run, the digits of a run that is not the game
             ax.text(0.5, 0.5, "not logged in this run", ha="center", va="center", transform=ax.transAxes)
             ax.set_yticks([])
     for ax in axes[-1]:

