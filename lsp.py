@@ -33,6 +33,9 @@ Deviations and choices where the paper is silent:
        rounding, since at lr 3e-6 rounding to nearest would drop almost all of them. On a CPU with
        native bf16 (`cpu_has_bf16`) matrix products run in bf16 under autocast, and the weights,
        gradients and Adam states stay float32 (--cpu-bf16).
+    8. With 0/1 rewards, paying the Challenger -V drives it to problems no answer solves, whose
+       groups give the Solver no signal. --challenger-reward uncertain pays -2|V - 1/2| instead,
+       most for problems solved half the time (R-Zero, arXiv 2508.05004). The default is the paper's.
 
 Run:
     python lsp.py --model smollm2 --reward-model self --steps 3 --num-queries 4 \
@@ -103,6 +106,9 @@ def build_parser():
     parser.add_argument("--learning-rate", type=float, default=3e-6, help="AdamW learning rate (the paper's 3e-6)")
     parser.add_argument("--beta", type=float, default=0.05, help="weight of the KL penalty to the reference")
     parser.add_argument("--alpha-ch", type=float, default=1.0, help="weight of the Challenger loss")
+    parser.add_argument("--challenger-reward", choices=["paper", "uncertain"], default="paper",
+                        help="paper: -V, pay for the Solver's failures; uncertain: -2|V - 1/2|, pay for a success rate "
+                             "near 1/2 (R-Zero), for 0/1 rewards such as the game's")
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
     parser.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward/backward in the update")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward to save memory")
@@ -486,7 +492,7 @@ def score_with_function(function, queries, answers):
 INVALID_QUERY_PENALTY = 1.0  # how far, in reward units, an invalid query's advantage lies below the rest
 
 
-def lsp_advantages(rewards, quality=None, valid=None):
+def lsp_advantages(rewards, quality=None, valid=None, uncertain=False):
     """Group-relative advantages of LSP, or of LSP-Zero when quality is None (Eq. advantages).
 
     rewards, quality: [N, G], R and R_Q of answer j to query i; valid: bool [N], the answered queries
@@ -496,7 +502,8 @@ def lsp_advantages(rewards, quality=None, valid=None):
         A_Sol  = (R + R_Q) - mean_j (R + R_Q)                 (LSP-Zero: R - V(q_i))
         A_Ch   = c_i - mean_i c_i, c_i = -V(q_i) + V_Q(q_i)   (LSP-Zero: mean_i V - V(q_i))
     The mean over i runs over valid queries. An invalid query gets A_Sol = 0 and
-    A_Ch = min(0, lowest valid A_Ch) - INVALID_QUERY_PENALTY (deviation 2).
+    A_Ch = min(0, lowest valid A_Ch) - INVALID_QUERY_PENALTY (deviation 2). With `uncertain`
+    (--challenger-reward uncertain, deviation 8) -V(q_i) becomes -2|V(q_i) - 1/2|.
     >>> lsp_advantages(torch.tensor([[1., 3.], [2., 2.]]))
     (tensor([[-1.,  1.],
             [ 0.,  0.]]), tensor([0., 0.]))
@@ -506,7 +513,8 @@ def lsp_advantages(rewards, quality=None, valid=None):
     valid = torch.ones(len(rewards), dtype=torch.bool) if valid is None else valid
     values = rewards.mean(dim=1)  # [N]
     solver_rewards = rewards if quality is None else rewards + quality  # [N, G]
-    challenger_rewards = -values if quality is None else -values + quality.mean(dim=1)  # [N]
+    hardness = -2 * (values - 0.5).abs() if uncertain else -values  # [N]
+    challenger_rewards = hardness if quality is None else hardness + quality.mean(dim=1)  # [N]
     solver_advantages = solver_rewards - solver_rewards.mean(dim=1, keepdim=True)  # [N, G]
     challenger_advantages = challenger_rewards - challenger_rewards[valid].mean()  # [N]
     worst = min(0.0, challenger_advantages[valid].min().item()) if valid.any() else 0.0
@@ -721,7 +729,8 @@ class SelfPlay:
         quality = None if args.no_self_reward else by_query(quality, valid, group)  # [N, G]
 
         # 4. Group-relative advantages (deviation 2 for invalid queries).
-        solver_advantages, challenger_advantages = lsp_advantages(rewards, quality, valid)  # [N, G], [N]
+        solver_advantages, challenger_advantages = lsp_advantages(
+            rewards, quality, valid, uncertain=args.challenger_reward == "uncertain")  # [N, G], [N]
 
         # 5. One gradient step for both roles: queries weigh alpha_Ch / N, answers 1 / (Nv G).
         written = len(query_tokens)  # Challenger sequences: N, or 0 with --queries

@@ -75,6 +75,14 @@ def test_lsp_advantages_add_quality_to_both_players():
     assert torch.equal(challenger, torch.tensor([0.5, -0.5]))
 
 
+def test_the_uncertain_challenger_reward_pays_most_for_problems_solved_half_the_time():
+    rewards = torch.tensor([[1., 1.], [0., 1.], [0., 0.]])  # V = 1, 1/2, 0
+    solver, challenger = lsp.lsp_advantages(rewards, uncertain=True)
+    assert torch.allclose(challenger, torch.tensor([-1 / 3, 2 / 3, -1 / 3]))  # c = -1, 0, -1 around their mean
+    assert torch.equal(solver, lsp.lsp_advantages(rewards)[0])  # the Solver's are the paper's
+    assert lsp.lsp_advantages(rewards)[1].argmax() == 2  # the paper's pays most for the unsolved one
+
+
 def test_equal_rewards_give_zero_advantages():
     rewards = torch.full((3, 4), 2.5)
     for quality in (None, torch.full((3, 4), 6.0)):
