@@ -393,6 +393,8 @@ def plot(args):
         else:  # e.g. the self-reward of an LSP-Zero run, the digits of a run that is not the game
             ax.text(0.5, 0.5, "not logged in this run", ha="center", va="center", transform=ax.transAxes)
             ax.set_yticks([])
+    for ax in axes.flat[len(PANELS):]:
+        ax.axis("off")
     for ax in axes[-1]:
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # shared by every panel
