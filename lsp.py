@@ -156,6 +156,8 @@ def parse_args(argv=None):
         parser.error("--learning-rate, --max-grad-norm and --temperature must be > 0")
     if not 0 < args.top_p <= 1:
         parser.error("--top-p must be in (0, 1]")
+    if args.fill_template and len(PLACEHOLDER.findall(args.template)) != 1:
+        parser.error(f"--fill-template needs a --template with exactly one {{placeholder}}, got {args.template!r}")
     if args.load_in_4bit and not torch.cuda.is_available():
         parser.error("--load-in-4bit needs a CUDA GPU (bitsandbytes NF4); drop it on a CPU")
     for option, name in (("--model", args.model), ("--reward-model", args.reward_model)):
@@ -168,8 +170,6 @@ def parse_args(argv=None):
     if changed:
         parser.error(f"{args.out} holds a run started with other options: {', '.join(changed)}. Continue it "
                      f"with `python lsp.py --resume {args.out}`, or choose another --out.")
-    if args.fill_template and len(PLACEHOLDER.findall(args.template)) != 1:
-        parser.error(f"--fill-template needs a --template with exactly one {{placeholder}}, got {args.template!r}")
     if args.queries:
         read_instructions(args.queries)  # exits with a message if the file cannot serve
     if not saved and Path(args.out).is_dir() and any(Path(args.out).iterdir()):
