@@ -411,6 +411,13 @@ def challenger_text(task, template):
 PLACEHOLDER = re.compile(r"\{[^{}]*\}")  # "{expression}" in a --template
 
 
+def template_frame(template):
+    """(text before the placeholder, text after it, the character that ends the placeholder's text, or ""
+    if nothing follows it) of a --fill-template template: "What is {x}? Go." -> ("What is ", "? Go.", "?")."""
+    before, after = PLACEHOLDER.split(template)
+    return before, after, after.strip()[:1]
+
+
 def read_query(tokenizer, tokens, stop_ids, template=None):
     """(query text, status) of one Challenger sample; status is 'ok', 'empty' or 'truncated'.
     With a template (--fill-template) the sample is the placeholder's text: it ends before the
@@ -421,8 +428,7 @@ def read_query(tokenizer, tokens, stop_ids, template=None):
     if not tokens or tokens[-1] not in stop_ids:
         return text, "truncated"
     if template:
-        before, after = PLACEHOLDER.split(template)
-        end = after.strip()[:1]  # "?" in "What is {expression}? Answer with the number only."
+        before, after, end = template_frame(template)
         text = text.split(end)[0].strip() if end else text
         if text:
             text = before + text + after
@@ -622,10 +628,9 @@ class SelfPlay:
         self.challenger_prompt = self.user_turn(challenger_text(args.task, args.template))
         self.query_stop_ids, self.query_template = self.stop_ids, None
         if args.fill_template:  # the Challenger's turn starts with the template's text before the placeholder...
-            before, after = PLACEHOLDER.split(args.template)
+            before, _, end = template_frame(args.template)
             self.challenger_prompt += tokenizer(before.rstrip(), add_special_tokens=False).input_ids
             # ...and ends at the first token holding the template's next character (see read_query)
-            end = after.strip()[:1]
             self.query_stop_ids = sorted(set(self.stop_ids) | {
                 i for i in range(len(tokenizer)) if end and end in tokenizer.decode([i])})
             self.query_template = args.template
