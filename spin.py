@@ -17,13 +17,12 @@ fixed point is the data distribution.
 Choices and deviations:
     1. The frozen opponent scores y and y' once, after sampling: training holds one model, and a run
        killed mid-iteration resumes from the "game" (y', scores, batch order) in its checkpoint.
-    2. Log-probs use temperature 1, whatever --temperature sampled y': the loss compares models.
-    3. A human response ends with the tokenizer's EOS, as a sample ends with its stop token, so the
-       player learns when to stop; both are cut at --max-completion-length tokens.
-    4. AdamW (no weight decay) at a constant rate, clipping at 1.0, batches of 8 pairs; the paper:
+    2. Log-probs at temperature 1, whatever --temperature sampled y'. A human response ends with EOS,
+       as a sample with its stop token, so the player learns when to stop; both are cut at --max-completion-length.
+    3. AdamW (no weight decay) at a constant rate, clipping at 1.0, batches of 8 pairs; the paper:
        RMSProp, 10% warmup then linear decay, 64 pairs. On CUDA, lsp.py's bf16 with 8-bit AdamW.
-    5. --learning-rate 1e-5 for a 135M model, not the paper's 5e-7 for 7B, which leaves the loss at
-       log 2 over an iteration of 20 steps (measured on the train split; see the README).
+    4. --learning-rate 1e-5, not the paper's 5e-7 (7B, ~1600 steps an iteration): on the train split, 5e-7
+       hardly moves the loss in 4 steps, 5e-5 drives it to 0 mostly by pushing y' down (README).
 
 Run (from the repository root; spin_data/ holds a small SFT set written for this project):
     python spin.py --model smollm2 --heldout spin_data/heldout.jsonl --out runs/spin   # 2 iterations, CPU
@@ -88,9 +87,10 @@ def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.resume:  # the run's saved options become the defaults; options given here override them
-        if not (Path(args.resume) / "config.json").exists():
-            parser.error(f"--resume {args.resume}: no run there (config.json is missing)")
-        parser.set_defaults(**json.loads((Path(args.resume) / "config.json").read_text()))
+        config = Path(args.resume) / "config.json"
+        if not config.exists():
+            parser.error(f"--resume {args.resume}: no run there ({config} is missing)")
+        parser.set_defaults(**json.loads(config.read_text()))
         args = parser.parse_args(argv)
         args.out = args.resume
     for name in ("iterations", "epochs", "max_completion_length", "batch_size", "micro_batch_size", "save_every", "keep"):
@@ -145,7 +145,7 @@ def read_pairs(path):
 
 def encode_pairs(tokenizer, pairs, max_length, date=None):
     """Token lists (prompts, responses): each prompt as one user turn, as the opponent sees it; each human
-    response as the assistant's text followed by EOS (choice 3), cut at max_length tokens."""
+    response as the assistant's text followed by EOS (choice 2), cut at max_length tokens."""
     prompts = [lsp.chat_prompt(tokenizer, prompt, date) for prompt, _ in pairs]
     responses = [(tokenizer(response.strip(), add_special_tokens=False, split_special_tokens=True).input_ids
                   + [tokenizer.eos_token_id])[:max_length] for _, response in pairs]
@@ -166,12 +166,9 @@ def spin_loss(logp_real, logp_fake, ref_logp_real, ref_logp_fake, lam):
 
 def sequence_logprobs(model, prompts, completions, batch_size):
     """log p(completion | prompt) summed over its tokens [N], at temperature 1 (choice 2), and lengths [N]."""
-    logprobs, lengths = [], []
-    for i in range(0, len(prompts), batch_size):
-        token_logprobs, mask = lsp.token_logprobs(model, prompts[i:i + batch_size], completions[i:i + batch_size], 1.0)
-        logprobs.append(token_logprobs.sum(-1))  # [b]
-        lengths.append(mask.sum(-1))  # [b]
-    return torch.cat(logprobs), torch.cat(lengths)  # [N], [N]
+    batches = [lsp.token_logprobs(model, prompts[i:i + batch_size], completions[i:i + batch_size], 1.0)
+               for i in range(0, len(prompts), batch_size)]  # (logprobs [b, T], mask [b, T]) each
+    return torch.cat([logprobs.sum(-1) for logprobs, _ in batches]), torch.cat([mask.sum(-1) for _, mask in batches])
 
 
 @torch.no_grad()
@@ -180,8 +177,7 @@ def heldout_score(model, tokenizer, pairs, batch_size, date=None):
     prompts, responses = encode_pairs(tokenizer, pairs, max_length=10**9, date=date)
     logprobs, lengths = sequence_logprobs(model, prompts, responses, batch_size)  # [N], [N]
     total, tokens = logprobs.sum().item(), int(lengths.sum())
-    return {"pairs": len(pairs), "tokens": tokens, "logp_per_token": total / tokens,
-            "perplexity": math.exp(-total / tokens)}
+    return {"pairs": len(pairs), "tokens": tokens, "logp_per_token": total / tokens, "perplexity": math.exp(-total / tokens)}
 
 
 # --- One iteration: the game and the updates -------------------------------------------------
@@ -266,8 +262,7 @@ class SelfPlayFineTuning:
 def train(args, trainer, start_step=0):
     out = Path(args.out)
     per_epoch = math.ceil(len(trainer.pairs) / args.batch_size)
-    per_iteration = args.epochs * per_epoch
-    total = args.iterations * per_iteration
+    per_iteration, total = args.epochs * per_epoch, args.iterations * args.epochs * per_epoch
     if start_step >= total:
         return tqdm.write(f"{out} has already run {start_step // per_iteration} iterations; pass more --iterations")
     heldout = read_pairs(args.heldout) if args.heldout else None
@@ -301,9 +296,9 @@ def train(args, trainer, start_step=0):
                 summary = {"step": step, "iteration": iteration, "record": "iteration", **trainer.game["stats"],
                            **{name: sum(m[name] for m in last_epoch) / per_epoch for name in metrics}, **score()}
                 metrics_file.write(lsp.json_line(summary))
+                heldout_text = f", held-out {summary['heldout/logp_per_token']:.4f} nats/token" if heldout else ""
                 tqdm.write(f"iteration {iteration}, last epoch: loss {summary['loss']:.4f}, real wins "
-                           f"{summary['rewards/accuracies']:.0%}; held-out log-likelihood per token "
-                           f"{summary.get('heldout/logp_per_token', 'not measured (no --heldout)')}")
+                           f"{summary['rewards/accuracies']:.0%}{heldout_text}")
             if step % args.save_every == 0 or index == per_iteration - 1 or stop.signal:
                 lsp.save_checkpoint(trainer, out, step, args.keep)
             if stop.signal:
