@@ -44,6 +44,7 @@ Run:
 import argparse
 import contextlib
 import copy
+import functools
 import importlib.util
 import json
 import math
@@ -60,7 +61,7 @@ from torch.nn.utils.rnn import pad_sequence
 from huggingface_hub import constants as hub_constants, try_to_load_from_cache
 from tqdm import tqdm
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                          BitsAndBytesConfig, GgufConfig)
+                          BitsAndBytesConfig, GgufConfig, StaticCache)
 
 from judge_prompts import CHALLENGER_PROMPT, QUALITY_PROMPT, REWARD_PROMPT
 
@@ -100,6 +101,8 @@ def build_parser():
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
     parser.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward/backward in the update")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    parser.add_argument("--fast-sampler", choices=["auto", "on", "off"], default="auto",
+                        help="static KV cache and compiled decoding (CUDA graphs on a GPU); auto: on with CUDA only")
     # outputs
     parser.add_argument("--out", default="runs/lsp",
                         help="run directory for metrics, episodes and checkpoints; an existing run there is resumed")
@@ -113,7 +116,7 @@ def build_parser():
 
 # options that may differ when a run is resumed: they change neither the models nor the algorithm
 RESUMABLE_CHANGES = {"steps", "log_every", "save_every", "keep", "micro_batch_size", "gradient_checkpointing",
-                     "out", "resume"}
+                     "fast_sampler", "out", "resume"}
 
 
 def parse_args(argv=None):
@@ -291,30 +294,59 @@ def pick_tokens(logits, temperature, top_p, generator):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [B]
 
 
+@functools.cache
+def decoder(device_type):
+    """The fast sampler's forward: on a GPU compiled with CUDA graphs (mode reduce-overhead). On a CPU it stays eager:
+    inductor took minutes to compile there and decoded no faster (README, "The fast sampler")."""
+    if device_type != "cuda":
+        return lambda model, **inputs: model(**inputs)
+    torch._dynamo.config.suppress_errors = True  # a model that does not compile decodes eagerly: the run goes on
+    return torch.compile(lambda model, **inputs: model(**inputs), mode="reduce-overhead")
+
+
 @torch.no_grad()
-def sample(model, prompts, max_new_tokens, stop_ids, temperature=1.0, top_p=1.0, generator=None):
+def sample(model, prompts, max_new_tokens, stop_ids, temperature=1.0, top_p=1.0, generator=None, fast=False,
+           sync_every=None):
     """Sample a completion for each prompt (token-id lists of any lengths): completion_ids [B, T] and
     completion_mask [B, T], T <= max_new_tokens. The mask is 1 up to and including each row's stop
-    token, so the loss also teaches the model when to stop; after it, padding and mask 0."""
-    input_ids, attention_mask = pad(prompts, "left", model.device)  # [B, P]
+    token, so the loss also teaches the model when to stop; after it, padding and mask 0.
+
+    fast=True decodes the same tokens with fixed shapes, as CUDA graphs need (`decoder`): a static KV cache and
+    one mask. The end is checked every sync_every tokens: 16 on CUDA, where a check stalls the GPU, else 1."""
+    index = {prompt: i for i, prompt in enumerate(dict.fromkeys(map(tuple, prompts)))}  # the unique prompts
+    rows = torch.tensor([index[tuple(prompt)] for prompt in prompts], device=model.device)  # [B]
+    prompt_ids, prompt_mask = pad(list(index), "left", model.device)  # [U, P]
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions_from_mask(prompt_mask),
+                use_cache=True, logits_to_keep=1)
+    # one prefill per unique prompt (the Challenger's N prompts are one), its keys and values copied to its rows
+    logits, cache, prompt_mask = out.logits[rows, -1], out.past_key_values, prompt_mask[rows]  # [B, V], [B, P]
+    cache.batch_select_indices(rows)
+    # one mask for the longest sequence (rounded up to 64: few shapes to compile); causality hides unwritten columns
+    room = -(-(prompt_mask.shape[1] + max_new_tokens) // 64) * 64 - prompt_mask.shape[1]
+    attention_mask = torch.cat([prompt_mask, prompt_mask.new_ones(len(prompts), room)], 1)  # [B, L]
+    if fast:  # the prefill copied into a cache of that fixed length
+        prefilled, cache = cache, StaticCache(config=model.config, max_cache_len=attention_mask.shape[1])
+        for layer, prefilled_layer in zip(cache.layers, prefilled.layers):
+            layer.update(prefilled_layer.keys, prefilled_layer.values)  # [B, kv_heads, P, head_dim]
+    forward = functools.partial(decoder(model.device.type), model) if fast else model
+    sync_every = sync_every or (16 if model.device.type == "cuda" else 1)
+    positions = prompt_mask.sum(-1, keepdim=True)  # [B, 1]: where each row's first new token stands
     stop = torch.tensor(stop_ids, device=model.device)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=model.device)  # [B]
-    cache, tokens, sampled = None, [], []
-    for _ in range(max_new_tokens):
-        positions = positions_from_mask(attention_mask)[:, -input_ids.shape[1]:]  # [B, new]
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
-        next_tokens = pick_tokens(out.logits[:, -1], temperature, top_p, generator)  # [B]
-        next_tokens = torch.where(finished, 0, next_tokens)
+    tokens, sampled = [], []
+    for step in range(max_new_tokens):
+        next_tokens = torch.where(finished, 0, pick_tokens(logits, temperature, top_p, generator))  # [B]
         tokens.append(next_tokens)
         sampled.append(~finished)
         finished |= torch.isin(next_tokens, stop)
-        if finished.all():
+        if step + 1 == max_new_tokens or ((step + 1) % sync_every == 0 and finished.all()):
             break
-        input_ids = next_tokens[:, None]  # [B, 1]: the cache holds everything before it
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(prompts), 1)], dim=1)
-    return torch.stack(tokens, 1), torch.stack(sampled, 1).long()  # [B, T], [B, T]
+        width = attention_mask.shape[1] if fast else prompt_mask.shape[1] + step + 1  # fixed shapes, or the cache's
+        logits = forward(input_ids=next_tokens[:, None], attention_mask=attention_mask[:, :width],
+                         position_ids=positions + step, past_key_values=cache, use_cache=True).logits[:, -1]  # [B, V]
+    sampled = torch.stack(sampled, 1)  # [B, T]: with sync_every > 1 the last columns may have no row left
+    length = sampled.any(0).sum()
+    return torch.stack(tokens, 1)[:, :length], sampled[:, :length].long()  # [B, T], [B, T]
 
 
 def unpad(completion_ids, completion_mask):
@@ -585,6 +617,7 @@ class SelfPlay:
                           if policy.device.type == "cuda" else
                           torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0))
         self.challenger_prompt = self.user_turn(challenger_text(args.task, args.template))
+        self.fast_sampler = args.fast_sampler == "on" or (args.fast_sampler == "auto" and policy.device.type == "cuda")
 
     def state_dict(self):
         """All a resumed run needs besides the weights to continue exactly as if never stopped."""
@@ -602,8 +635,8 @@ class SelfPlay:
 
     def roll_out(self, prompts, max_tokens):
         """Sample with the policy at the training temperature; token lists of every completion."""
-        return unpad(*sample(self.policy, prompts, max_tokens, self.stop_ids, self.args.temperature,
-                             self.args.top_p, self.generator))
+        return unpad(*sample(self.policy, prompts, max_tokens, self.stop_ids, self.args.temperature, self.args.top_p,
+                             self.generator, fast=self.fast_sampler))
 
     @torch.no_grad()
     def judge(self, prompt_template, queries, answers, judged, name):
@@ -612,7 +645,7 @@ class SelfPlay:
         is the expected digit under the judge's probabilities of "0".."7" after "<Score>" (deviation 3)."""
         tokenizer = self.tokenizer
         prompts = [self.user_turn(prompt_template.format(instruction=q, response=a)) for q, a in zip(queries, answers)]
-        outputs = unpad(*sample(self.reference, prompts, self.args.max_judge_tokens, self.stop_ids, temperature=0))
+        outputs = unpad(*sample(self.reference, prompts, self.args.max_judge_tokens, self.stop_ids, 0, fast=self.fast_sampler))
         judged[f"{name}_texts"] = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in outputs]
         scores = torch.tensor([float("nan" if s is None else s) for s in map(parse_score, judged[f"{name}_texts"])])
         judged[f"{name}_parse_failed"] = scores.isnan().tolist()

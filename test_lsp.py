@@ -171,6 +171,77 @@ def test_tiny_top_p_keeps_only_the_most_likely_token(tiny_model):
     assert torch.equal(greedy, nucleus)
 
 
+def stop_mid_row(model, prompts, row=0, step=3):
+    """A stop id that the greedy sampler writes at `step` of `row`, so that rows stop at different steps."""
+    return lsp.sample(model, prompts, 12, [1], temperature=0)[0][row, step].item()
+
+
+@pytest.fixture
+def compiled_as_on_a_gpu(monkeypatch):
+    """lsp.decoder compiles on CUDA only; here it compiles the CPU model the same way (CUDA graphs skip CPU tensors)."""
+    compiled = lsp.decoder.__wrapped__("cuda")  # the function under functools.cache
+    monkeypatch.setattr(lsp, "decoder", lambda device_type: compiled)
+
+
+def test_fast_sampler_compiled_gives_the_eager_samplers_and_generates_tokens(tiny_model, compiled_as_on_a_gpu):
+    # the one test that compiles: about 40 s for the tiny model on one core
+    ids, mask = lsp.pad(PROMPTS, "left", tiny_model.device)
+    stop = stop_mid_row(tiny_model, PROMPTS, row=2, step=3)
+    expected = tiny_model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12,
+                                   pad_token_id=0, eos_token_id=[stop])[:, ids.shape[1]:]
+    eager = lsp.sample(tiny_model, PROMPTS, 12, [stop], temperature=0)
+    fast = lsp.sample(tiny_model, PROMPTS, 12, [stop], temperature=0, fast=True, sync_every=5)
+    assert torch.equal(eager[0], expected) and torch.equal(fast[0], expected) and torch.equal(fast[1], eager[1])
+    assert fast[1].sum(1).tolist() == [10, 12, 4]  # each row stops at another step, row 1 never
+
+
+def test_a_model_that_does_not_compile_decodes_eagerly(tiny_model, monkeypatch):
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("no compiler here")
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda function, **options: real_compile(function, backend=broken_backend))
+    compiled = lsp.decoder.__wrapped__("cuda")
+    monkeypatch.setattr(lsp, "decoder", lambda device_type: compiled)
+    fast = lsp.sample(tiny_model, PROMPTS, 12, [], temperature=0, fast=True)
+    assert torch.equal(fast[0], lsp.sample(tiny_model, PROMPTS, 12, [], temperature=0)[0])
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_checking_for_the_end_every_k_tokens_changes_nothing(tiny_model, fast):
+    stop = stop_mid_row(tiny_model, PROMPTS, row=2, step=3)
+    results = [lsp.sample(tiny_model, PROMPTS, 12, [stop], temperature=0, fast=fast, sync_every=k) for k in (1, 4, 16)]
+    assert results[0][1].sum(1).tolist() == [10, 12, 4]  # each row stops at another step, row 1 never
+    for ids, mask in results[1:]:
+        assert torch.equal(ids, results[0][0]) and torch.equal(mask, results[0][1])
+    stop_at_once, mask = lsp.sample(tiny_model, PROMPTS, 12, list(range(64)), temperature=0, fast=fast, sync_every=4)
+    assert stop_at_once.shape == (3, 1) and mask.tolist() == [[1]] * 3  # trimmed after the last real token
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_identical_prompts_share_one_prefill_and_give_what_separate_prefills_give(tiny_model, fast):
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[2], PROMPTS[0], PROMPTS[1]]
+    prefill_rows = []
+    tiny_model.register_forward_pre_hook(lambda module, args, kwargs: prefill_rows.append(kwargs["input_ids"].shape)
+                                         if kwargs["input_ids"].shape[1] > 1 else None, with_kwargs=True)
+    stop = stop_mid_row(tiny_model, PROMPTS)
+    prefill_rows.clear()
+    shared_ids, shared_mask = lsp.sample(tiny_model, prompts, 12, [stop], temperature=0, fast=fast)
+    assert prefill_rows == [(3, 6)]  # one prefill, of the 3 unique prompts
+    for row, prompt in enumerate(prompts):
+        alone_ids, alone_mask = lsp.sample(tiny_model, [prompt], 12, [stop], temperature=0, fast=fast)
+        assert lsp.unpad(shared_ids, shared_mask)[row] == lsp.unpad(alone_ids, alone_mask)[0]
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_seeded_sample_repeats_and_gives_each_copy_of_a_prompt_its_own_draw(tiny_model, fast):
+    def draw(seed, fast=fast):
+        return lsp.sample(tiny_model, [PROMPTS[1]] * 4 + PROMPTS, 16, [1], temperature=1.0, fast=fast, sync_every=4,
+                          generator=torch.Generator().manual_seed(seed))[0]
+    assert torch.equal(draw(7), draw(7)) and not torch.equal(draw(7), draw(8))
+    assert len({tuple(row.tolist()) for row in draw(7)[:4]}) == 4  # four copies of one prompt, four samples
+    assert torch.equal(draw(7), draw(7, fast=not fast))  # the fast path draws the very same tokens
+
+
 # --- token log-probs, KL and the update --------------------------------------------------------
 
 COMPLETIONS = [[20, 21, 1], [22], [23, 24, 25, 26]]
