@@ -80,6 +80,8 @@ def build_parser():
                         help="drop the quality self-reward R_Q: LSP-Zero instead of LSP")
     parser.add_argument("--load-in-4bit", action="store_true",
                         help="load the frozen models (reference, reward model) in NF4 with bitsandbytes (CUDA only)")
+    parser.add_argument("--offload-frozen", action="store_true",
+                        help="keep the frozen models on the CPU; each visits the GPU only for its phase (saves memory)")
     # self-play
     parser.add_argument("--task", default="", help="task name for the Challenger prompt (empty: free-form)")
     parser.add_argument("--template", default="", help="query template for the Challenger prompt (empty: none)")
@@ -116,7 +118,7 @@ def build_parser():
 
 # options that may differ when a run is resumed: they change neither the models nor the algorithm
 RESUMABLE_CHANGES = {"steps", "log_every", "save_every", "keep", "micro_batch_size", "gradient_checkpointing",
-                     "fast_sampler", "out", "resume"}
+                     "fast_sampler", "offload_frozen", "out", "resume"}
 
 
 def parse_args(argv=None):
@@ -147,8 +149,9 @@ def parse_args(argv=None):
         parser.error("--learning-rate, --max-grad-norm and --temperature must be > 0")
     if not 0 < args.top_p <= 1:
         parser.error("--top-p must be in (0, 1]")
-    if args.load_in_4bit and not torch.cuda.is_available():
-        parser.error("--load-in-4bit needs a CUDA GPU (bitsandbytes NF4); drop it on a CPU")
+    if args.load_in_4bit and (args.offload_frozen or not torch.cuda.is_available()):
+        parser.error("--load-in-4bit needs a CUDA GPU (bitsandbytes NF4; drop it on a CPU) and no --offload-frozen "
+                     "(two ways to make room for the frozen models: choose one)")
     for option, name in (("--model", args.model), ("--reward-model", args.reward_model)):
         problem = model_name_problem(name, may_be_self=option == "--reward-model")
         if problem:
@@ -530,22 +533,23 @@ def k3_kl(logprobs, ref_logprobs, completion_mask):
     return (log_ratio.exp() - log_ratio - 1) * completion_mask  # [B, T]
 
 
-def policy_update(policy, reference, optimizer, prompts, completions, advantages, weights, args):
+def policy_update(policy, reference, optimizer, prompts, completions, advantages, weights, args, reference_done=lambda: None):
     """One optimizer step on L = L_Sol + alpha_Ch * L_Ch (Eq. loss) over every sampled sequence.
 
     Sequence s adds weights[s] * -(A_s * log pi(s) - beta * KL(s)), sums over its tokens (deviation 5).
     On-policy, the paper's pi / stopgrad(pi) * A has the gradient of A * log pi, which we differentiate.
     Returns per-sequence KL [S] and lengths [S], the loss and the gradient norm; a non-finite loss or
-    gradient skips the step."""
+    gradient skips the step. reference_done() is called once the reference is no longer needed."""
     if not prompts:  # nothing was sampled that can be trained on (every --queries query unscorable)
         return torch.zeros(0), torch.zeros(0), 0.0, 0.0
     policy.train()  # activation checkpointing only runs in train mode; Llama has no dropout
     optimizer.zero_grad(set_to_none=True)
     total_loss, seq_kls, lengths = 0.0, [], []
-    for start in range(0, len(prompts), args.micro_batch_size):
-        batch = slice(start, start + args.micro_batch_size)
-        with torch.no_grad():
-            ref_logprobs, _ = token_logprobs(reference, prompts[batch], completions[batch], args.temperature)
+    batches = [slice(start, start + args.micro_batch_size) for start in range(0, len(prompts), args.micro_batch_size)]
+    with torch.no_grad():  # pi_Ref first: with --offload-frozen it leaves the GPU before any gradient is made
+        all_ref_logprobs = [token_logprobs(reference, prompts[b], completions[b], args.temperature)[0] for b in batches]
+    reference_done()
+    for batch, ref_logprobs in zip(batches, all_ref_logprobs):
         logprobs, completion_mask = token_logprobs(policy, prompts[batch], completions[batch], args.temperature)
         seq_kl = k3_kl(logprobs, ref_logprobs, completion_mask).sum(-1)  # [b]
         seq_logprob = logprobs.sum(-1)  # [b]
@@ -618,6 +622,8 @@ class SelfPlay:
                           torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0))
         self.challenger_prompt = self.user_turn(challenger_text(args.task, args.template))
         self.fast_sampler = args.fast_sampler == "on" or (args.fast_sampler == "auto" and policy.device.type == "cuda")
+        for frozen in (reference, reward_model):  # --offload-frozen: on the CPU until its phase
+            self.place(frozen, False, {})
 
     def state_dict(self):
         """All a resumed run needs besides the weights to continue exactly as if never stopped."""
@@ -637,6 +643,13 @@ class SelfPlay:
         """Sample with the policy at the training temperature; token lists of every completion."""
         return unpad(*sample(self.policy, prompts, max_tokens, self.stop_ids, self.args.temperature, self.args.top_p,
                              self.generator, fast=self.fast_sampler))
+
+    def place(self, model, visiting, times):
+        """--offload-frozen: a frozen model visits the policy's device for its phase alone; transfers add up in time/offload."""
+        if self.args.offload_frozen and model is not None:
+            started = time.perf_counter()
+            model.to(self.policy.device if visiting else "cpu")
+            times["time/offload"] = times.get("time/offload", 0.0) + time.perf_counter() - started
 
     @torch.no_grad()
     def judge(self, prompt_template, queries, answers, judged, name):
@@ -703,11 +716,14 @@ class SelfPlay:
         # 3. Rewards: R from the reward model (or the self-judge), R_Q from the frozen judge; [Nv * G] each.
         rewards, quality, judged = torch.empty(0), torch.empty(0), {}
         if answered:
+            self.place(self.reference if self.reward_model is None else self.reward_model, True, times)
             rewards = self.task_rewards(answered, answers, judged)
+            self.place(self.reward_model, False, times)
             lap("reward")
-            if not args.no_self_reward:
-                quality = self.judge(QUALITY_PROMPT, answered, answers, judged, "judge")
-                lap("judge")
+        self.place(self.reference, True, times)  # to judge, then for the update's reference log-probs
+        if answered and not args.no_self_reward:
+            quality = self.judge(QUALITY_PROMPT, answered, answers, judged, "judge")
+            lap("judge")
         rewards = by_query(rewards, valid, group)  # [N, G], NaN rows for invalid queries
         quality = None if args.no_self_reward else by_query(quality, valid, group)  # [N, G]
 
@@ -723,7 +739,7 @@ class SelfPlay:
             advantages=torch.cat([challenger_advantages[:written], solver_advantages[valid].flatten()]),
             weights=torch.cat([torch.full((written,), args.alpha_ch / args.num_queries),
                                torch.full((len(answers),), 1 / max(1, len(answers)))]),
-            args=args)
+            args=args, reference_done=lambda: self.place(self.reference, False, times))
         lap("update")
 
         answered_rows = (rewards[valid], None if quality is None else quality[valid], solver_advantages[valid])
@@ -900,15 +916,20 @@ def train(args, selfplay, start_step=0):
 # --- Main ------------------------------------------------------------------------------------
 
 def memory_problem(args, num_params, gpu_bytes):
-    """Why the run cannot fit on this GPU, or None: a bound before any activation, with the policy's bf16 weights,
-    gradients and 8-bit AdamW states (6 bytes per parameter), frozen models of its size at 2 (0.7 in NF4)."""
+    """Why the run cannot fit on this GPU and the flags that make it fit, or None: a bound before any activation, with
+    the policy's bf16 weights, gradients and 8-bit AdamW states (6 bytes per parameter), frozen models of its size at
+    2 (0.7 in NF4), or 0 with --offload-frozen: each visits alone, while no gradients exist."""
     frozen_models = 1 if args.reward_model == "self" or REWARD_FUNCTION.fullmatch(args.reward_model) else 2
-    needed = num_params * (6 + frozen_models * (0.7 if args.load_in_4bit else 2))
-    if needed > 0.9 * gpu_bytes:  # the CUDA context and the allocator take the rest
-        fix = "a GPU with more memory, or a smaller --model" if args.load_in_4bit else "--load-in-4bit"
-        return (f"weights, gradients and optimizer states alone need about {needed / 2**30:.1f} GiB, before "
-                f"activations and the KV cache; this GPU has {gpu_bytes / 2**30:.1f} GiB. Use {fix}.")
-    return None
+    needed = {flag: num_params * (6 + frozen_models * frozen_bytes)  # per parameter: the policy's 6, the frozen models'
+              for flag, frozen_bytes in (("", 2), ("--load-in-4bit", 0.7), ("--offload-frozen", 0))}
+    need = needed["--load-in-4bit" * args.load_in_4bit or "--offload-frozen" * args.offload_frozen]
+    fixes = [flag for flag in needed if flag and needed[flag] <= 0.9 * gpu_bytes]  # CUDA and the allocator take 10%
+    if need <= 0.9 * gpu_bytes:
+        return None
+    fix = (" or ".join(fixes) + " instead of --load-in-4bit" * args.load_in_4bit if fixes
+           else "a GPU with more memory, or a smaller --model")
+    return (f"weights, gradients and optimizer states alone need about {need / 2**30:.1f} GiB, before "
+            f"activations and the KV cache; this GPU has {gpu_bytes / 2**30:.1f} GiB. Use {fix}.")
 
 
 def start(args):
@@ -957,8 +978,8 @@ def main(argv=None):
             return
         train(args, selfplay, start_step)
     except torch.OutOfMemoryError:
-        sys.exit("error: out of GPU memory. Reduce memory with --gradient-checkpointing or a smaller "
-                 "--micro-batch-size (both can be added when resuming: python lsp.py --resume "
+        sys.exit("error: out of GPU memory. Reduce memory with --gradient-checkpointing, --offload-frozen or a smaller "
+                 "--micro-batch-size (all can be added when resuming: python lsp.py --resume "
                  f"{args.out} --micro-batch-size 1), or start a new run with --load-in-4bit, fewer "
                  "--num-generations or a smaller --max-completion-length.")
     except KeyboardInterrupt:

@@ -484,6 +484,33 @@ def test_lsp_zero_step_has_no_self_reward(tmp_path, smol_tokenizer, capsys):
     assert "self-reward off" in capsys.readouterr().out
 
 
+def test_offloaded_frozen_models_visit_the_device_one_at_a_time_and_never_meet_gradients(tmp_path, smol_tokenizer,
+                                                                                        monkeypatch):
+    selfplay = tiny_selfplay(tmp_path, smol_tokenizer, "--offload-frozen")
+    torch.manual_seed(1)
+    selfplay.reward_model = lsp.freeze(LlamaForSequenceClassification(tiny_config(len(smol_tokenizer), num_labels=1)))
+    selfplay.reward_tokenizer, selfplay.args.reward_model = smol_tokenizer, "some/reward-model"
+    # lsp sends a frozen model home with .to("cpu") and on a visit with .to(policy.device): on a CPU both are the
+    # CPU, so the models stay where they are and we record which of the two each call meant
+    visiting, uses = set(), []
+    for name, model in (("reference", selfplay.reference), ("reward_model", selfplay.reward_model)):
+        def to(device, name=name, model=model):
+            (visiting.discard if isinstance(device, str) else visiting.add)(name)
+            return model
+        monkeypatch.setattr(model, "to", to)
+    for function in ("sample", "token_logprobs", "logits_after", "reward_model_scores"):
+        def spy(model, *args, real=getattr(lsp, function), **kwargs):
+            role = {id(selfplay.reference): "reference", id(selfplay.reward_model): "reward_model"}.get(id(model))
+            uses.append((role or f"policy's {real.__name__}", set(visiting)))
+            return real(model, *args, **kwargs)
+        monkeypatch.setattr(lsp, function, spy)
+    metrics, _ = selfplay.step()
+    assert {role for role, _ in uses} == {"policy's sample", "reference", "reward_model", "policy's token_logprobs"}
+    for role, frozen_visiting in uses:  # a frozen model is on the device when used, alone; none meets gradients
+        assert frozen_visiting == ({role} if role in ("reference", "reward_model") else set()), (role, frozen_visiting)
+    assert metrics["time/offload"] >= 0 and not visiting  # both back on the CPU at the end of the step
+
+
 def test_same_seed_repeats_a_run_exactly(tmp_path, smol_tokenizer):
     def two_steps(seed):
         selfplay = tiny_selfplay(tmp_path, smol_tokenizer, "--seed", str(seed))
@@ -748,19 +775,23 @@ def test_a_signal_finishes_the_step_saves_and_says_how_to_resume(tmp_path, tiny_
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == list(range(1, len(steps) + 2))
 
 
-def test_a_run_that_cannot_fit_the_gpu_names_the_flag_that_helps():
+def test_a_run_that_cannot_fit_the_gpu_names_the_flags_that_help():
     llama_3b, gib = 3.21e9, 2**30
 
-    def problem(gpu_gib, reward_model="some/reward-model", load_in_4bit=False):
-        args = argparse.Namespace(reward_model=reward_model, load_in_4bit=load_in_4bit)
+    def problem(gpu_gib, reward_model="some/reward-model", load_in_4bit=False, offload_frozen=False):
+        args = argparse.Namespace(reward_model=reward_model, load_in_4bit=load_in_4bit, offload_frozen=offload_frozen)
         return lsp.memory_problem(args, llama_3b, gpu_gib * gib)
     assert problem(80) is None  # 19.3 GB + two bf16 frozen models = 32 GB
-    assert "need about 29.9 GiB" in problem(32) and "Use --load-in-4bit" in problem(32)
+    assert "need about 29.9 GiB" in problem(32) and "Use --load-in-4bit or --offload-frozen." in problem(32)
     assert problem(32, load_in_4bit=True) is None
-    # on a 24 GB card even NF4 frozen models leave no room: the gradients themselves must shrink
+    # on a 24 GB card even NF4 frozen models leave no room; offloaded, they never meet the gradients there
     assert "need about 22.1 GiB" in problem(24e9 / gib, load_in_4bit=True)
-    assert "a GPU with more memory" in problem(24e9 / gib, load_in_4bit=True)
+    assert "Use --offload-frozen instead of --load-in-4bit." in problem(24e9 / gib, load_in_4bit=True)
     assert problem(24e9 / gib, reward_model="self", load_in_4bit=True) is None
+    assert problem(24e9 / gib, offload_frozen=True) is None
+    assert problem(20, reward_model="self").endswith("Use --offload-frozen.")  # NF4 would need 20.0 GiB
+    assert "need about 17.9 GiB" in problem(16, offload_frozen=True)
+    assert "a GPU with more memory" in problem(16, offload_frozen=True)
 
 
 def test_out_of_memory_stops_with_the_options_that_save_memory(tmp_path, tiny_model_dir, monkeypatch):
