@@ -1,12 +1,14 @@
 """
 Measure the LSP trainer's speed and memory, and print one markdown table (for the README).
 
-    1. Sampler tokens/s: our `lsp.sample` against `model.generate`, side by side in one run, on the
-       same model and the same batch of chat prompts of different lengths (left-padded). Both are
-       greedy and both produce exactly the preset's number of new tokens per row: our sampler gets
-       no stop ids, `generate` gets min_new_tokens, which bans its EOS until then. One warm-up, then the
-       best of --repeats rounds (the two alternate, so neither gets a quieter machine). Only
-       generated tokens count: batch x new tokens, per second of wall time (synchronized on CUDA).
+    1. Sampler tokens/s: our `lsp.sample`, eager and fast (`fast=True`: static KV cache, CUDA graphs on
+       a GPU), against `model.generate`, side by side in one run, on the same model and the same batch
+       of chat prompts of different lengths (left-padded). All are greedy and produce exactly the
+       preset's number of new tokens per row: our sampler gets no stop ids, `generate` gets
+       min_new_tokens, which bans its EOS until then. One warm-up (for the fast sampler it includes
+       compiling: its time is shown), then the best of --repeats rounds (the samplers alternate, so none
+       gets a quieter machine). Only generated tokens count: batch x new tokens, per second of wall
+       time (synchronized on CUDA).
        On a GPU also the memory-bandwidth floor: each decode step reads every weight once and the
        KV cache of the whole batch, so tokens/s <= batch * bandwidth / (weight bytes + KV bytes).
     2. One LSP iteration (`lsp.SelfPlay.step`) split into its phases: challenger, solver, reward,
@@ -129,15 +131,17 @@ def chat_prompts(tokenizer, batch, shortest, longest):
 
 
 def compare_samplers(model, prompts, new_tokens, repeats):
-    """Generated tokens per second of lsp.sample and model.generate, greedy, exactly new_tokens per row."""
+    """Generated tokens per second of lsp.sample (eager and fast) and model.generate, greedy, exactly new_tokens
+    per row; and the seconds of each one's warm-up call."""
     input_ids, attention_mask = lsp.pad(prompts, "left", model.device)  # [B, P]
     runs = {
         "lsp.sample": lambda: lsp.sample(model, prompts, new_tokens, [], temperature=0)[0],
+        "lsp.sample fast": lambda: lsp.sample(model, prompts, new_tokens, [], temperature=0, fast=True)[0],
         "model.generate": lambda: model.generate(
             input_ids=input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=new_tokens,
             min_new_tokens=new_tokens, pad_token_id=0)[:, input_ids.shape[1]:],  # no row ends early: unused
     }
-    best = {name: float("inf") for name in runs}
+    best, warm_up = {name: float("inf") for name in runs}, {}
     for round_ in range(repeats + 1):  # round 0 is the warm-up
         for name, run in runs.items():
             synchronize(model.device)
@@ -148,7 +152,9 @@ def compare_samplers(model, prompts, new_tokens, repeats):
             assert completion_ids.shape == (len(prompts), new_tokens), (name, completion_ids.shape)
             if round_ > 0:
                 best[name] = min(best[name], seconds)
-    return {name: len(prompts) * new_tokens / seconds for name, seconds in best.items()}
+            else:
+                warm_up[name] = seconds
+    return {name: len(prompts) * new_tokens / seconds for name, seconds in best.items()}, warm_up
 
 
 def bandwidth_floor(model, batch, context, bandwidth):
@@ -211,16 +217,20 @@ def main(argv=None):
     for batch in preset["batch_sizes"]:
         prompts = chat_prompts(tokenizer, batch, *preset["prompt_tokens"])
         lengths = [len(p) for p in prompts]
-        speed = compare_samplers(policy, prompts, new_tokens, options.repeats)
+        speed, warm_up = compare_samplers(policy, prompts, new_tokens, options.repeats)
         name = f"sampler, batch {batch}, prompts {min(lengths)}-{max(lengths)} tokens, {new_tokens} new tokens"
         for runner, tokens_per_s in speed.items():
             row(f"{name}: {runner}", f"{tokens_per_s:,.0f} tok/s")
         row(f"{name}: ours / generate", f"{speed['lsp.sample'] / speed['model.generate']:.2f}")
+        row(f"{name}: fast / eager", f"{speed['lsp.sample fast'] / speed['lsp.sample']:.2f}")
+        row(f"{name}: fast / generate", f"{speed['lsp.sample fast'] / speed['model.generate']:.2f}")
+        row(f"{name}: fast, first call (compiles on CUDA)", f"{warm_up['lsp.sample fast']:.3g} s")
         if bandwidth:
             context = sum(lengths) / batch + new_tokens / 2  # mean tokens in the cache over the decode
             floor = bandwidth_floor(policy, batch, context, bandwidth * 1e12)
             row(f"{name}: bandwidth floor at {bandwidth} TB/s",
-                f"{floor:,.0f} tok/s (ours at {speed['lsp.sample'] / floor:.0%} of it)")
+                f"{floor:,.0f} tok/s (ours at {speed['lsp.sample'] / floor:.0%} of it, fast at "
+                f"{speed['lsp.sample fast'] / floor:.0%})")
     row("peak memory, samplers", peak_memory(device))
     del policy  # the iteration loads its own models, the way the trainer does
     if options.skip_step:
@@ -241,11 +251,12 @@ def main(argv=None):
             metrics, _ = selfplay.step()
             synchronize(device)
             total = time.perf_counter() - start
-        for phase in ("challenger", "solver", "reward", "judge", "update"):
-            if f"time/{phase}" in metrics:  # no judge phase with --no-self-reward
+        for phase in ("challenger", "solver", "reward", "judge", "update", "offload"):
+            if f"time/{phase}" in metrics:  # no judge phase with --no-self-reward, no offload without --offload-frozen
                 skipped = phase == "update" and metrics["update_skipped"]  # then no optimizer step was timed
                 row(f"LSP iteration: {phase}", f"{metrics[f'time/{phase}']:.3g} s"
-                    + (" (optimizer step skipped: non-finite update)" if skipped else ""))
+                    + (" (optimizer step skipped: non-finite update)" if skipped else "")
+                    + (" (transfers of the frozen models, inside the phases above)" if phase == "offload" else ""))
         row("LSP iteration: total", f"{total:.3g} s")
     except torch.OutOfMemoryError:
         row("LSP iteration", "out of GPU memory")

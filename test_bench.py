@@ -23,7 +23,9 @@ def test_tiny_preset_prints_a_table_of_finite_positive_numbers():
     assert rows["device"] and re.fullmatch(r"\S+ / \S+", rows["torch / transformers"])
     sampler = "sampler, batch 4, prompts "
     timed = [name for name in rows if name.startswith(sampler)]
-    assert [name.rsplit(": ", 1)[1] for name in timed] == ["lsp.sample", "model.generate", "ours / generate"]
+    assert [name.rsplit(": ", 1)[1] for name in timed] == [
+        "lsp.sample", "lsp.sample fast", "model.generate", "ours / generate", "fast / eager", "fast / generate",
+        "fast, first call (compiles on CUDA)"]
     phases = ["challenger", "solver", "reward", "judge", "update", "total"]
     timed += [f"LSP iteration: {phase}" for phase in phases] + ["peak memory, samplers", "peak memory, LSP iteration"]
     for name in timed:
