@@ -61,7 +61,7 @@ from torch.nn.utils.rnn import pad_sequence
 from huggingface_hub import constants as hub_constants, try_to_load_from_cache
 from tqdm import tqdm
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                          BitsAndBytesConfig, GgufConfig, StaticCache)
+                          BitsAndBytesConfig, DynamicCache, GgufConfig, StaticCache)
 
 from judge_prompts import CHALLENGER_PROMPT, QUALITY_PROMPT, REWARD_PROMPT
 
@@ -319,18 +319,18 @@ def sample(model, prompts, max_new_tokens, stop_ids, temperature=1.0, top_p=1.0,
     index = {prompt: i for i, prompt in enumerate(dict.fromkeys(map(tuple, prompts)))}  # the unique prompts
     rows = torch.tensor([index[tuple(prompt)] for prompt in prompts], device=model.device)  # [B]
     prompt_ids, prompt_mask = pad(list(index), "left", model.device)  # [U, P]
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions_from_mask(prompt_mask),
-                use_cache=True, logits_to_keep=1)
-    # one prefill per unique prompt (the Challenger's N prompts are one), its keys and values copied to its rows
-    logits, cache, prompt_mask = out.logits[rows, -1], out.past_key_values, prompt_mask[rows]  # [B, V], [B, P]
-    cache.batch_select_indices(rows)
-    # one mask for the longest sequence (rounded up to 64: few shapes to compile); causality hides unwritten columns
-    room = -(-(prompt_mask.shape[1] + max_new_tokens) // 64) * 64 - prompt_mask.shape[1]
-    attention_mask = torch.cat([prompt_mask, prompt_mask.new_ones(len(prompts), room)], 1)  # [B, L]
-    if fast:  # the prefill copied into a cache of that fixed length
-        prefilled, cache = cache, StaticCache(config=model.config, max_cache_len=attention_mask.shape[1])
-        for layer, prefilled_layer in zip(cache.layers, prefilled.layers):
-            layer.update(prefilled_layer.keys, prefilled_layer.values)  # [B, kv_heads, P, head_dim]
+    # the cache and the mask hold the longest sequence, rounded up to 64 tokens so that few shapes get compiled
+    length = -(-(prompt_ids.shape[1] + max_new_tokens) // 64) * 64
+    cache = StaticCache(config=model.config, max_cache_len=length) if fast else DynamicCache(config=model.config)
+    logits = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions_from_mask(prompt_mask),
+                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[rows, -1]  # [B, V]
+    if len(index) < len(prompts):  # one prefill per unique prompt (the Challenger's N are one), copied to its rows
+        cache.reorder_cache(rows)
+        for layer in cache.layers if fast else []:  # new tensors: CUDA graphs need their addresses marked fixed
+            torch._dynamo.mark_static_address(layer.keys)
+            torch._dynamo.mark_static_address(layer.values)
+    prompt_mask = prompt_mask[rows]  # [B, P]
+    attention_mask = torch.cat([prompt_mask, prompt_mask.new_ones(len(prompts), length - prompt_mask.shape[1])], 1)  # [B, L]
     forward = functools.partial(decoder(model.device.type), model) if fast else model
     sync_every = sync_every or (16 if model.device.type == "cuda" else 1)
     positions = prompt_mask.sum(-1, keepdim=True)  # [B, 1]: where each row's first new token stands
@@ -344,12 +344,12 @@ def sample(model, prompts, max_new_tokens, stop_ids, temperature=1.0, top_p=1.0,
         finished |= torch.isin(next_tokens, stop)
         if step + 1 == max_new_tokens or ((step + 1) % sync_every == 0 and finished.all()):
             break
-        width = attention_mask.shape[1] if fast else prompt_mask.shape[1] + step + 1  # fixed shapes, or the cache's
+        width = length if fast else prompt_mask.shape[1] + step + 1  # fixed shapes, or the cache's (causality hides the rest)
         logits = forward(input_ids=next_tokens[:, None], attention_mask=attention_mask[:, :width],
                          position_ids=positions + step, past_key_values=cache, use_cache=True).logits[:, -1]  # [B, V]
     sampled = torch.stack(sampled, 1)  # [B, T]: with sync_every > 1 the last columns may have no row left
-    length = sampled.any(0).sum()
-    return torch.stack(tokens, 1)[:, :length], sampled[:, :length].long()  # [B, T], [B, T]
+    kept = sampled.any(0).sum()
+    return torch.stack(tokens, 1)[:, :kept], sampled[:, :kept].long()  # [B, T], [B, T]
 
 
 def unpad(completion_ids, completion_mask):
