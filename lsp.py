@@ -80,8 +80,7 @@ def build_parser():
                         help="drop the quality self-reward R_Q: LSP-Zero instead of LSP")
     parser.add_argument("--load-in-4bit", action="store_true",
                         help="load the frozen models (reference, reward model) in NF4 with bitsandbytes (CUDA only)")
-    parser.add_argument("--offload-frozen", action="store_true",
-                        help="keep the frozen models on the CPU; each visits the GPU only for its phase (saves memory)")
+    parser.add_argument("--offload-frozen", action="store_true", help="keep the frozen models on the CPU but for their phase")
     # self-play
     parser.add_argument("--task", default="", help="task name for the Challenger prompt (empty: free-form)")
     parser.add_argument("--template", default="", help="query template for the Challenger prompt (empty: none)")
@@ -312,10 +311,9 @@ def sample(model, prompts, max_new_tokens, stop_ids, temperature=1.0, top_p=1.0,
            sync_every=None):
     """Sample a completion for each prompt (token-id lists of any lengths): completion_ids [B, T] and
     completion_mask [B, T], T <= max_new_tokens. The mask is 1 up to and including each row's stop
-    token, so the loss also teaches the model when to stop; after it, padding and mask 0.
-
-    fast=True decodes the same tokens with fixed shapes, as CUDA graphs need (`decoder`): a static KV cache and
-    one mask. The end is checked every sync_every tokens: 16 on CUDA, where a check stalls the GPU, else 1."""
+    token, so the loss also teaches the model when to stop; after it, padding and mask 0. fast=True: the same tokens
+    with fixed shapes for CUDA graphs (`decoder`), a static KV cache and one mask. The end is checked every
+    sync_every tokens: by default 16 on CUDA, where a check stalls the GPU, else 1."""
     index = {prompt: i for i, prompt in enumerate(dict.fromkeys(map(tuple, prompts)))}  # the unique prompts
     rows = torch.tensor([index[tuple(prompt)] for prompt in prompts], device=model.device)  # [B]
     prompt_ids, prompt_mask = pad(list(index), "left", model.device)  # [U, P]
@@ -658,7 +656,8 @@ class SelfPlay:
         is the expected digit under the judge's probabilities of "0".."7" after "<Score>" (deviation 3)."""
         tokenizer = self.tokenizer
         prompts = [self.user_turn(prompt_template.format(instruction=q, response=a)) for q, a in zip(queries, answers)]
-        outputs = unpad(*sample(self.reference, prompts, self.args.max_judge_tokens, self.stop_ids, 0, fast=self.fast_sampler))
+        fast = self.fast_sampler and not self.args.load_in_4bit  # bitsandbytes' NF4 kernels break compiled graphs
+        outputs = unpad(*sample(self.reference, prompts, self.args.max_judge_tokens, self.stop_ids, 0, fast=fast))
         judged[f"{name}_texts"] = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in outputs]
         scores = torch.tensor([float("nan" if s is None else s) for s in map(parse_score, judged[f"{name}_texts"])])
         judged[f"{name}_parse_failed"] = scores.isnan().tolist()
@@ -920,14 +919,12 @@ def memory_problem(args, num_params, gpu_bytes):
     the policy's bf16 weights, gradients and 8-bit AdamW states (6 bytes per parameter), frozen models of its size at
     2 (0.7 in NF4), or 0 with --offload-frozen: each visits alone, while no gradients exist."""
     frozen_models = 1 if args.reward_model == "self" or REWARD_FUNCTION.fullmatch(args.reward_model) else 2
-    needed = {flag: num_params * (6 + frozen_models * frozen_bytes)  # per parameter: the policy's 6, the frozen models'
-              for flag, frozen_bytes in (("", 2), ("--load-in-4bit", 0.7), ("--offload-frozen", 0))}
-    need = needed["--load-in-4bit" * args.load_in_4bit or "--offload-frozen" * args.offload_frozen]
-    fixes = [flag for flag in needed if flag and needed[flag] <= 0.9 * gpu_bytes]  # CUDA and the allocator take 10%
-    if need <= 0.9 * gpu_bytes:
+    bytes_per_param = {"": 6 + 2 * frozen_models, "--load-in-4bit": 6 + 0.7 * frozen_models, "--offload-frozen": 6}
+    need = num_params * bytes_per_param["--load-in-4bit" * args.load_in_4bit or "--offload-frozen" * args.offload_frozen]
+    if need <= 0.9 * gpu_bytes:  # the CUDA context and the allocator take the rest
         return None
-    fix = (" or ".join(fixes) + " instead of --load-in-4bit" * args.load_in_4bit if fixes
-           else "a GPU with more memory, or a smaller --model")
+    fixes = " or ".join(flag for flag, size in bytes_per_param.items() if flag and num_params * size <= 0.9 * gpu_bytes)
+    fix = fixes + " instead of --load-in-4bit" * args.load_in_4bit if fixes else "a GPU with more memory, or a smaller --model"
     return (f"weights, gradients and optimizer states alone need about {need / 2**30:.1f} GiB, before "
             f"activations and the KV cache; this GPU has {gpu_bytes / 2**30:.1f} GiB. Use {fix}.")
 
