@@ -485,8 +485,7 @@ def test_lsp_zero_step_has_no_self_reward(tmp_path, smol_tokenizer, capsys):
     assert "self-reward off" in capsys.readouterr().out
 
 
-def test_offloaded_frozen_models_visit_the_device_one_at_a_time_and_never_meet_gradients(tmp_path, smol_tokenizer,
-                                                                                        monkeypatch):
+def test_offloaded_frozen_models_visit_the_device_alone_and_never_meet_gradients(tmp_path, smol_tokenizer, monkeypatch):
     selfplay = tiny_selfplay(tmp_path, smol_tokenizer, "--offload-frozen")
     torch.manual_seed(1)
     selfplay.reward_model = lsp.freeze(LlamaForSequenceClassification(tiny_config(len(smol_tokenizer), num_labels=1)))
