@@ -1,19 +1,23 @@
 """
 Measure the LSP trainer's speed and memory, and print one markdown table (for the README).
 
-    1. Sampler tokens/s: our `lsp.sample` against `model.generate`, side by side in one run, on the
-       same model and the same batch of chat prompts of different lengths (left-padded). Both are
-       greedy and both produce exactly the preset's number of new tokens per row: our sampler gets
-       no stop ids, `generate` gets min_new_tokens, which bans its EOS until then. One warm-up, then the
-       best of --repeats rounds (the two alternate, so neither gets a quieter machine). Only
-       generated tokens count: batch x new tokens, per second of wall time (synchronized on CUDA).
+    1. Sampler tokens/s: our `lsp.sample`, eager and fast (`fast=True`: static KV cache, CUDA graphs on
+       a GPU), against `model.generate`, side by side in one run, on the same model and the same batch
+       of chat prompts of different lengths (left-padded). All are greedy and produce exactly the
+       preset's number of new tokens per row: our sampler gets no stop ids, `generate` gets
+       min_new_tokens, which bans its EOS until then. One warm-up (for the fast sampler it includes
+       compiling: its time is shown), then the best of --repeats rounds (the samplers alternate, so none
+       gets a quieter machine). Only generated tokens count: batch x new tokens, per second of wall
+       time (synchronized on CUDA).
        On a GPU also the memory-bandwidth floor: each decode step reads every weight once and the
        KV cache of the whole batch, so tokens/s <= batch * bandwidth / (weight bytes + KV bytes).
     2. One LSP iteration (`lsp.SelfPlay.step`) split into its phases: challenger, solver, reward,
        judge, update, and the total. The options are the trainer's own (`lsp.parse_args`). Every
        sequence runs to its length limit (no stop ids, every query valid): the worst case, which
        is what a time and memory budget must hold, and what random weights need to get past step 1.
-       A warm-up iteration runs first; the second one is reported.
+       With --against REV the iteration of lsp.py as it was at git revision REV runs too, with the same
+       options, its own models, and on a CPU in float32: the versions alternate, each warmed up once,
+       and their ratio is the speed-up measured side by side.
     3. Peak memory: on CUDA the largest `torch.cuda.max_memory_allocated()` of each part (the
        iteration against a 22 GiB target: a 24 GB card less the CUDA context and fragmentation); on
        a CPU the process's peak resident set size (RSS) so far, which includes Python and libraries.
@@ -24,10 +28,13 @@ Presets:
     gpu   random weights in the Llama-3.2-3B shape, bf16, batches 32 and 64, 256 new tokens; a
           paper-sized iteration (8 queries, 4 answers, 256/512/256 tokens) with a reward model of
           the same shape and a 1-output head. Saved and loaded through `lsp.load_model`.
+    game  SmolLM2-135M-Instruct, the arithmetic game's iteration as the README runs it (4 queries x 8
+          answers, 24/32 query/answer tokens, arith_game.py:reward); the sampler at batch 32, 32 tokens
     tiny  a tiny random Llama with SmolLM2's tokenizer; seconds. Used by test_bench.py.
 
 Run (offline: HF_HUB_OFFLINE=1; options after `--` go to the trainer):
     OMP_WAIT_POLICY=PASSIVE python bench.py --preset cpu   # see the note below
+    OMP_WAIT_POLICY=PASSIVE python bench.py --preset game --against 6f2b456   # against the trainer before sharing
     python bench.py --preset gpu
     python bench.py --preset gpu -- --load-in-4bit --gradient-checkpointing --micro-batch-size 1
 
@@ -37,16 +44,21 @@ OMP_WAIT_POLICY=PASSIVE (or fewer threads, OMP_NUM_THREADS) avoids it; the table
 """
 
 import argparse
+import importlib.util
 import os
 import platform
 import resource
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+import arith_game
 import lsp
 
 LLAMA_3B = dict(hidden_size=3072, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8,
@@ -64,6 +76,12 @@ PRESETS = {
                          "--max-query-tokens", "64", "--max-completion-length", "64", "--max-judge-tokens", "64"]),
     "gpu": dict(model=LLAMA_3B, name="Llama-3.2-3B shape, random weights", batch_sizes=[32, 64], new_tokens=256,
                 prompt_tokens=(70, 120), trainer=[]),
+    "game": dict(model="smollm2", name="SmolLM2-135M-Instruct, real weights", batch_sizes=[32], new_tokens=32,
+                 prompt_tokens=(10, 20),
+                 trainer=["--reward-model", "arith_game.py:reward", "--no-self-reward", "--fill-template",
+                          "--task", arith_game.TASK, "--template", arith_game.TEMPLATE,
+                          "--num-queries", "4", "--num-generations", "8", "--max-query-tokens", "24",
+                          "--max-completion-length", "32", "--temperature", "0.7", "--micro-batch-size", "8"]),
     "tiny": dict(model=TINY, name="tiny Llama, random weights", batch_sizes=[4], new_tokens=8, prompt_tokens=(5, 20),
                  trainer=["--num-queries", "2", "--num-generations", "2", "--max-query-tokens", "8",
                           "--max-completion-length", "8", "--max-judge-tokens", "8"]),
@@ -129,15 +147,17 @@ def chat_prompts(tokenizer, batch, shortest, longest):
 
 
 def compare_samplers(model, prompts, new_tokens, repeats):
-    """Generated tokens per second of lsp.sample and model.generate, greedy, exactly new_tokens per row."""
+    """Generated tokens per second of lsp.sample (eager and fast) and model.generate, greedy, exactly new_tokens
+    per row; and the seconds of each one's warm-up call."""
     input_ids, attention_mask = lsp.pad(prompts, "left", model.device)  # [B, P]
     runs = {
         "lsp.sample": lambda: lsp.sample(model, prompts, new_tokens, [], temperature=0)[0],
+        "lsp.sample fast": lambda: lsp.sample(model, prompts, new_tokens, [], temperature=0, fast=True)[0],
         "model.generate": lambda: model.generate(
             input_ids=input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=new_tokens,
             min_new_tokens=new_tokens, pad_token_id=0)[:, input_ids.shape[1]:],  # no row ends early: unused
     }
-    best = {name: float("inf") for name in runs}
+    best, warm_up = {name: float("inf") for name in runs}, {}
     for round_ in range(repeats + 1):  # round 0 is the warm-up
         for name, run in runs.items():
             synchronize(model.device)
@@ -148,7 +168,9 @@ def compare_samplers(model, prompts, new_tokens, repeats):
             assert completion_ids.shape == (len(prompts), new_tokens), (name, completion_ids.shape)
             if round_ > 0:
                 best[name] = min(best[name], seconds)
-    return {name: len(prompts) * new_tokens / seconds for name, seconds in best.items()}
+            else:
+                warm_up[name] = seconds
+    return {name: len(prompts) * new_tokens / seconds for name, seconds in best.items()}, warm_up
 
 
 def bandwidth_floor(model, batch, context, bandwidth):
@@ -168,6 +190,21 @@ def worst_case(selfplay):
     sequences are also what a time and memory budget must hold."""
     selfplay.stop_ids = selfplay.query_stop_ids = []
     selfplay.read_query = lambda tokenizer, tokens, *_: (tokenizer.decode(tokens, skip_special_tokens=True), "ok")
+    if selfplay.reward_function:  # it would find no problem in text that runs on: score every pair (any value times alike)
+        selfplay.reward_function = lambda queries, answers: [float(len(answer) % 2) for answer in answers]
+
+
+def lsp_at(revision, directory):
+    """lsp.py as it was at a git revision, imported as its own module: the "before" of a side-by-side comparison."""
+    shown = subprocess.run(["git", "show", f"{revision}:lsp.py"], cwd=Path(__file__).parent, capture_output=True, text=True)
+    if shown.returncode:
+        sys.exit(f"error: --against {revision}: {shown.stderr.strip() or 'git failed'}")
+    path = Path(directory) / "lsp_before.py"
+    path.write_text(shown.stdout)
+    spec = importlib.util.spec_from_file_location("lsp_before", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def row(name, value):
@@ -181,6 +218,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds of each sampler after the warm-up")
     parser.add_argument("--bandwidth", type=float, help="memory bandwidth in TB/s for the floor (default: by GPU name)")
     parser.add_argument("--skip-step", action="store_true", help="measure the samplers only")
+    parser.add_argument("--against", metavar="REV", help="also time the iteration of lsp.py at this git revision")
     parser.add_argument("trainer_options", nargs="*", help="after --: options for lsp.py, e.g. -- --load-in-4bit")
     options = parser.parse_args(argv)
     preset, device = PRESETS[options.preset], torch.device("cuda" if cuda else "cpu")
@@ -191,8 +229,8 @@ def main(argv=None):
     if model != "smollm2":
         save_random_model(preset["model"], model, device)
     # later options win: the preset's over these, the user's over the preset's
-    args = lsp.parse_args(["--model", model, "--reward-model", model, "--out", os.path.join(workdir.name, "run"),
-                           *preset["trainer"], *options.trainer_options])  # bad options stop here, before the long part
+    trainer_argv = ["--model", model, "--reward-model", model, *preset["trainer"], *options.trainer_options]
+    args = lsp.parse_args([*trainer_argv, "--out", os.path.join(workdir.name, "run")])  # bad options stop here, early
     tokenizer, policy = lsp.load_model(args.model, AutoModelForCausalLM, device)
     policy.eval()
     device_text = device_name(device)
@@ -211,45 +249,67 @@ def main(argv=None):
     for batch in preset["batch_sizes"]:
         prompts = chat_prompts(tokenizer, batch, *preset["prompt_tokens"])
         lengths = [len(p) for p in prompts]
-        speed = compare_samplers(policy, prompts, new_tokens, options.repeats)
+        speed, warm_up = compare_samplers(policy, prompts, new_tokens, options.repeats)
         name = f"sampler, batch {batch}, prompts {min(lengths)}-{max(lengths)} tokens, {new_tokens} new tokens"
         for runner, tokens_per_s in speed.items():
             row(f"{name}: {runner}", f"{tokens_per_s:,.0f} tok/s")
         row(f"{name}: ours / generate", f"{speed['lsp.sample'] / speed['model.generate']:.2f}")
+        row(f"{name}: fast / eager", f"{speed['lsp.sample fast'] / speed['lsp.sample']:.2f}")
+        row(f"{name}: fast / generate", f"{speed['lsp.sample fast'] / speed['model.generate']:.2f}")
+        row(f"{name}: fast, first call (compiles on CUDA)", f"{warm_up['lsp.sample fast']:.3g} s")
         if bandwidth:
             context = sum(lengths) / batch + new_tokens / 2  # mean tokens in the cache over the decode
             floor = bandwidth_floor(policy, batch, context, bandwidth * 1e12)
             row(f"{name}: bandwidth floor at {bandwidth} TB/s",
-                f"{floor:,.0f} tok/s (ours at {speed['lsp.sample'] / floor:.0%} of it)")
+                f"{floor:,.0f} tok/s (ours at {speed['lsp.sample'] / floor:.0%} of it, fast at "
+                f"{speed['lsp.sample fast'] / floor:.0%})")
     row("peak memory, samplers", peak_memory(device))
     del policy  # the iteration loads its own models, the way the trainer does
     if options.skip_step:
         return
 
     # 2. One LSP iteration, after a warm-up iteration, with the models loaded as `python lsp.py` loads them
-    reward = "self-judged" if args.reward_model == "self" else "reward model of the same shape"
+    reward = ("self-judged" if args.reward_model == "self" else
+              "reward function" if lsp.REWARD_FUNCTION.fullmatch(args.reward_model) else "reward model of the same shape")
     row("LSP iteration settings", f"{args.num_queries} queries x {args.num_generations} answers, "
         f"{args.max_query_tokens}/{args.max_completion_length}/{args.max_judge_tokens} query/answer/judge tokens, "
         f"{reward}, extra options: {' '.join(options.trainer_options) or 'none'}")
-    selfplay, _ = lsp.start(args)
-    worst_case(selfplay)
-    reset_peak_memory(device)
+    versions = {"now": lsp}
+    if options.against:
+        versions[f"before ({options.against})"] = lsp_at(options.against, workdir.name)
+    selfplays = {}
+    for version, module in versions.items():  # each version parses the same options and loads its own models
+        selfplays[version], _ = module.start(module.parse_args(
+            [*trainer_argv, "--out", os.path.join(workdir.name, f"run-{len(selfplays)}")]))
+        worst_case(selfplays[version])
+    if options.against and device.type == "cpu":
+        selfplays[f"before ({options.against})"].cpu_bf16 = False  # today's float32 path, where the CPU has bf16 too
+    results, peaks = {}, {}
     try:
-        for _ in range(2):
-            synchronize(device)
-            start = time.perf_counter()
-            metrics, _ = selfplay.step()
-            synchronize(device)
-            total = time.perf_counter() - start
-        for phase in ("challenger", "solver", "reward", "judge", "update"):
-            if f"time/{phase}" in metrics:  # no judge phase with --no-self-reward
-                skipped = phase == "update" and metrics["update_skipped"]  # then no optimizer step was timed
-                row(f"LSP iteration: {phase}", f"{metrics[f'time/{phase}']:.3g} s"
-                    + (" (optimizer step skipped: non-finite update)" if skipped else ""))
-        row("LSP iteration: total", f"{total:.3g} s")
+        for round_ in range(2):  # round 0 warms each version up; they alternate, so neither gets a quieter machine
+            for version, selfplay in selfplays.items():
+                reset_peak_memory(device)
+                synchronize(device)
+                start = time.perf_counter()
+                metrics, _ = selfplay.step()
+                synchronize(device)
+                results[version] = metrics, time.perf_counter() - start
+                peaks[version] = peak_memory(device)
     except torch.OutOfMemoryError:
-        row("LSP iteration", "out of GPU memory")
-    row("peak memory, LSP iteration", peak_memory(device) + (" (target 22 GiB)" if cuda else ""))
+        return row("LSP iteration", "out of GPU memory; " + peak_memory(device))
+    for version, (metrics, total) in results.items():
+        for phase in ("challenger", "solver", "reward", "judge", "update", "offload"):
+            if f"time/{phase}" in metrics:  # no judge phase with --no-self-reward, no offload without --offload-frozen
+                skipped = phase == "update" and metrics["update_skipped"]  # then no optimizer step was timed
+                row(f"LSP iteration, {version}: {phase}", f"{metrics[f'time/{phase}']:.3g} s"
+                    + (" (optimizer step skipped: non-finite update)" if skipped else "")
+                    + (" (transfers of the frozen models, inside the phases above)" if phase == "offload" else ""))
+        row(f"LSP iteration, {version}: total", f"{total:.3g} s")
+    if options.against:
+        before = results[f"before ({options.against})"][1]
+        row("LSP iteration: before / now", f"{before / results['now'][1]:.2f}"
+            + (" (now: bf16 autocast; before: float32)" if selfplays["now"].cpu_bf16 else ""))
+    row("peak memory, LSP iteration", peaks["now"] + (" (target 22 GiB)" if cuda else ""))
 
 
 if __name__ == "__main__":

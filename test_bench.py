@@ -14,7 +14,7 @@ NUMBER = re.compile(r"-?[\d,]*\.?\d+|nan|inf", re.IGNORECASE)
 
 
 def test_tiny_preset_prints_a_table_of_finite_positive_numbers():
-    result = subprocess.run([sys.executable, str(HERE / "bench.py"), "--preset", "tiny", "--repeats", "1"],
+    result = subprocess.run([sys.executable, str(HERE / "bench.py"), "--preset", "tiny", "--repeats", "1", "--against", "HEAD"],
                             capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
@@ -23,9 +23,12 @@ def test_tiny_preset_prints_a_table_of_finite_positive_numbers():
     assert rows["device"] and re.fullmatch(r"\S+ / \S+", rows["torch / transformers"])
     sampler = "sampler, batch 4, prompts "
     timed = [name for name in rows if name.startswith(sampler)]
-    assert [name.rsplit(": ", 1)[1] for name in timed] == ["lsp.sample", "model.generate", "ours / generate"]
+    assert [name.rsplit(": ", 1)[1] for name in timed] == [
+        "lsp.sample", "lsp.sample fast", "model.generate", "ours / generate", "fast / eager", "fast / generate",
+        "fast, first call (compiles on CUDA)"]
     phases = ["challenger", "solver", "reward", "judge", "update", "total"]
-    timed += [f"LSP iteration: {phase}" for phase in phases] + ["peak memory, samplers", "peak memory, LSP iteration"]
+    timed += [f"LSP iteration, {version}: {phase}" for version in ("now", "before (HEAD)") for phase in phases]
+    timed += ["LSP iteration: before / now", "peak memory, samplers", "peak memory, LSP iteration"]
     for name in timed:
         value = float(NUMBER.search(rows[name]).group().replace(",", ""))
         assert math.isfinite(value) and value > 0, (name, rows[name])
@@ -36,8 +39,9 @@ def test_worst_case_changes_one_trainer_and_leaves_the_lsp_module_alone():
     import bench
     import lsp
     original = lsp.read_query
-    selfplay = SimpleNamespace(stop_ids=[1])
+    selfplay = SimpleNamespace(stop_ids=[1], reward_function=lambda queries, answers: [None] * len(answers))
     bench.worst_case(selfplay)
+    assert selfplay.reward_function(["text that runs on"] * 2, ["a", "ab"]) == [1.0, 0.0]  # every pair scored
     assert lsp.read_query is original and lsp.SelfPlay.read_query is original  # no process-wide patch
     tokenizer = SimpleNamespace(decode=lambda tokens, skip_special_tokens: "cut off here")
     assert selfplay.read_query(tokenizer, [5, 6], []) == ("cut off here", "ok") and selfplay.stop_ids == []

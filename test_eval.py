@@ -103,12 +103,18 @@ class ScriptedJudge(torch.nn.Module):
         super().__init__()
         self.script, self.vocab_size, self.calls = script, vocab_size, 0
         self.device, self.generation_config = torch.device("cpu"), SimpleNamespace(eos_token_id=None)
+        self.config = LlamaConfig(num_hidden_layers=1)  # for the sampler's KV cache, which stays empty
+        self.lm_head = torch.nn.Identity()  # its "hidden states" are its logits already
+
+    @property
+    def base_model(self):  # lsp.prefill runs the body and applies lm_head itself
+        return self
 
     def forward(self, input_ids, **kwargs):
         logits = torch.zeros(len(input_ids), 1, self.vocab_size)
         logits[..., self.script[min(self.calls, len(self.script) - 1)]] = 1.0
         self.calls += 1
-        return SimpleNamespace(logits=logits, past_key_values=None)
+        return SimpleNamespace(logits=logits, last_hidden_state=logits, past_key_values=None)
 
 
 def judge_options(**extra):

@@ -179,6 +179,78 @@ def test_tiny_top_p_keeps_only_the_most_likely_token(tiny_model):
     assert torch.equal(greedy, nucleus)
 
 
+def stop_mid_row(model, prompts, row=0, step=3):
+    """A stop id that the greedy sampler writes at `step` of `row`, so that rows stop at different steps."""
+    return lsp.sample(model, prompts, 12, [1], temperature=0)[0][row, step].item()
+
+
+@pytest.fixture
+def compiled_as_on_a_gpu(monkeypatch):
+    """lsp.decoder compiles on CUDA only; here it compiles the CPU model the same way (CUDA graphs skip CPU tensors)."""
+    compiled = lsp.decoder.__wrapped__("cuda")  # the function under functools.cache
+    monkeypatch.setattr(lsp, "decoder", lambda device_type: compiled)
+
+
+def test_fast_sampler_compiled_gives_the_eager_samplers_and_generates_tokens(tiny_model, compiled_as_on_a_gpu):
+    # the one test that compiles: about 30 s for the tiny model on one core
+    prompts = PROMPTS + PROMPTS[:1]  # a prompt twice: its prefill is copied into the static cache's rows
+    ids, mask = lsp.pad(prompts, "left", tiny_model.device)
+    stop = stop_mid_row(tiny_model, PROMPTS, row=2, step=3)
+    expected = tiny_model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12,
+                                   pad_token_id=0, eos_token_id=[stop])[:, ids.shape[1]:]
+    eager = lsp.sample(tiny_model, prompts, 12, [stop], temperature=0)
+    fast = lsp.sample(tiny_model, prompts, 12, [stop], temperature=0, fast=True, sync_every=5)
+    assert torch.equal(eager[0], expected) and torch.equal(fast[0], expected) and torch.equal(fast[1], eager[1])
+    assert fast[1].sum(1).tolist() == [10, 12, 4, 10]  # each row stops at another step, row 1 never
+
+
+def test_a_model_that_does_not_compile_decodes_eagerly(tiny_model, monkeypatch):
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("no compiler here")
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda function, **options: real_compile(function, backend=broken_backend))
+    compiled = lsp.decoder.__wrapped__("cuda")
+    monkeypatch.setattr(lsp, "decoder", lambda device_type: compiled)
+    fast = lsp.sample(tiny_model, PROMPTS, 12, [], temperature=0, fast=True)
+    assert torch.equal(fast[0], lsp.sample(tiny_model, PROMPTS, 12, [], temperature=0)[0])
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_checking_for_the_end_every_k_tokens_changes_nothing(tiny_model, fast):
+    stop = stop_mid_row(tiny_model, PROMPTS, row=2, step=3)
+    results = [lsp.sample(tiny_model, PROMPTS, 12, [stop], temperature=0, fast=fast, sync_every=k) for k in (1, 4, 16)]
+    assert results[0][1].sum(1).tolist() == [10, 12, 4]  # each row stops at another step, row 1 never
+    for ids, mask in results[1:]:
+        assert torch.equal(ids, results[0][0]) and torch.equal(mask, results[0][1])
+    stop_at_once, mask = lsp.sample(tiny_model, PROMPTS, 12, list(range(64)), temperature=0, fast=fast, sync_every=4)
+    assert mask.tolist() == [[1, 0, 0, 0]] * 3  # all stopped at once; the end was seen at the 4th token
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_identical_prompts_share_one_prefill_and_give_what_separate_prefills_give(tiny_model, fast):
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[2], PROMPTS[0], PROMPTS[1]]
+    prefill_rows = []
+    tiny_model.base_model.register_forward_pre_hook(lambda module, args, kwargs: prefill_rows.append(kwargs["input_ids"].shape)
+                                                    if kwargs["input_ids"].shape[1] > 1 else None, with_kwargs=True)
+    stop = stop_mid_row(tiny_model, PROMPTS)
+    prefill_rows.clear()
+    shared_ids, shared_mask = lsp.sample(tiny_model, prompts, 12, [stop], temperature=0, fast=fast)
+    assert prefill_rows == [(3, 6)]  # one prefill, of the 3 unique prompts
+    for row, prompt in enumerate(prompts):
+        alone_ids, alone_mask = lsp.sample(tiny_model, [prompt], 12, [stop], temperature=0, fast=fast)
+        assert lsp.unpad(shared_ids, shared_mask)[row] == lsp.unpad(alone_ids, alone_mask)[0]
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_seeded_sample_repeats_and_gives_each_copy_of_a_prompt_its_own_draw(tiny_model, fast):
+    def draw(seed, fast=fast):
+        return lsp.sample(tiny_model, [PROMPTS[1]] * 4 + PROMPTS, 16, [1], temperature=1.0, fast=fast, sync_every=4,
+                          generator=torch.Generator().manual_seed(seed))[0]
+    assert torch.equal(draw(7), draw(7)) and not torch.equal(draw(7), draw(8))
+    assert len({tuple(row.tolist()) for row in draw(7)[:4]}) == 4  # four copies of one prompt, four samples
+    assert torch.equal(draw(7), draw(7, fast=not fast))  # the fast path draws the very same tokens
+
+
 # --- token log-probs, KL and the update --------------------------------------------------------
 
 COMPLETIONS = [[20, 21, 1], [22], [23, 24, 25, 26]]
@@ -208,6 +280,33 @@ def test_chunked_log_probs_give_the_same_gradient(tiny_model, monkeypatch):
         lsp.token_logprobs(tiny_model, PROMPTS, COMPLETIONS, 0.7)[0].sum().backward()
         grads.append([p.grad.clone() for p in tiny_model.parameters()])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+def test_rows_sharing_a_prompt_run_it_once_with_each_rows_own_log_probs_and_gradient(tiny_model):
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[0]]  # as the Challenger's N, or a query's G answers
+    completions = [[20, 21, 1], [22], [23, 24, 25, 26], [27, 28]]
+    tiny_model.train()  # as in the update: gradients and train mode
+    prompt_rows = []
+    hook = tiny_model.base_model.register_forward_pre_hook(
+        lambda module, args, kwargs: prompt_rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    shared, mask = lsp.token_logprobs(tiny_model, prompts, completions, 0.7)
+    hook.remove()
+    assert prompt_rows == [2, 4]  # the 2 distinct prompts, then the 4 completions
+    shared.sum().backward()
+    shared_grads = [p.grad.clone() for p in tiny_model.parameters()]
+    tiny_model.zero_grad()
+    for row, (prompt, completion) in enumerate(zip(prompts, completions)):  # each row alone: nothing to share
+        alone, _ = lsp.token_logprobs(tiny_model, [prompt], [completion], 0.7)
+        assert torch.allclose(shared[row, :len(completion)], alone[0], atol=1e-5)
+        alone.sum().backward()
+    assert all(torch.allclose(a, p.grad, atol=1e-5) for a, p in zip(shared_grads, tiny_model.parameters()))
+    # with activation checkpointing the layers keep no KV cache: each row runs whole, with the same result
+    tiny_model.zero_grad()
+    tiny_model.gradient_checkpointing_enable()
+    checkpointed, _ = lsp.token_logprobs(tiny_model, prompts, completions, 0.7)
+    checkpointed.sum().backward()
+    assert torch.allclose(checkpointed, shared, atol=1e-5)
+    assert all(torch.allclose(a, p.grad, atol=1e-5) for a, p in zip(shared_grads, tiny_model.parameters()))
 
 
 def test_bf16_autocast_gives_the_float32_log_probs_within_a_hundredth_of_a_nat(tiny_model):
@@ -373,11 +472,13 @@ def test_fill_template_starts_the_challenger_turn_and_stops_it_at_the_next_chara
     assert [e["rewards"] for e in episodes[:2]] == [[1.0, 0.0], [1.0, 0.0]]
 
 
-def test_challenger_prompt_fills_task_and_template():
-    text = lsp.challenger_text("Pure & Applied Mathematics", "Prove that {statement}.")
+def test_challenger_prompt_fills_task_and_template(tmp_path, smol_tokenizer):
+    selfplay = tiny_selfplay(tmp_path, smol_tokenizer, "--task", "Pure & Applied Mathematics",
+                             "--template", "Prove that {statement}.")
+    text = smol_tokenizer.decode(selfplay.challenger_prompt)
     assert "task: Pure & Applied Mathematics." in text and "Prove that {statement}." in text
     assert "{curly braces}" in text
-    assert "task: None." in lsp.challenger_text("", "")
+    assert "task: None." in smol_tokenizer.decode(tiny_selfplay(tmp_path / "free", smol_tokenizer).challenger_prompt)
 
 
 # model text that, read as chat markup, would close its own turn and forge an assistant turn
@@ -482,6 +583,32 @@ def test_lsp_zero_step_has_no_self_reward(tmp_path, smol_tokenizer, capsys):
     assert "self-reward off" in capsys.readouterr().out
 
 
+def test_offloaded_frozen_models_visit_the_device_alone_and_never_meet_gradients(tmp_path, smol_tokenizer, monkeypatch):
+    selfplay = tiny_selfplay(tmp_path, smol_tokenizer, "--offload-frozen")
+    torch.manual_seed(1)
+    selfplay.reward_model = lsp.freeze(LlamaForSequenceClassification(tiny_config(len(smol_tokenizer), num_labels=1)))
+    selfplay.reward_tokenizer, selfplay.args.reward_model = smol_tokenizer, "some/reward-model"
+    # lsp sends a frozen model home with .to("cpu") and on a visit with .to(policy.device): on a CPU both are the
+    # CPU, so the models stay where they are and we record which of the two each call meant
+    visiting, uses = set(), []
+    for name, model in (("reference", selfplay.reference), ("reward_model", selfplay.reward_model)):
+        def to(device, name=name, model=model):
+            (visiting.discard if isinstance(device, str) else visiting.add)(name)
+            return model
+        monkeypatch.setattr(model, "to", to)
+    for function in ("sample", "token_logprobs", "logits_after", "reward_model_scores"):
+        def spy(model, *args, real=getattr(lsp, function), **kwargs):
+            role = {id(selfplay.reference): "reference", id(selfplay.reward_model): "reward_model"}.get(id(model))
+            uses.append((role or f"policy's {real.__name__}", set(visiting)))
+            return real(model, *args, **kwargs)
+        monkeypatch.setattr(lsp, function, spy)
+    metrics, _ = selfplay.step()
+    assert {role for role, _ in uses} == {"policy's sample", "reference", "reward_model", "policy's token_logprobs"}
+    for role, frozen_visiting in uses:  # a frozen model is on the device when used, alone; none meets gradients
+        assert frozen_visiting == ({role} if role in ("reference", "reward_model") else set()), (role, frozen_visiting)
+    assert metrics["time/offload"] >= 0 and not visiting  # both back on the CPU at the end of the step
+
+
 def test_same_seed_repeats_a_run_exactly(tmp_path, smol_tokenizer):
     def two_steps(seed):
         selfplay = tiny_selfplay(tmp_path, smol_tokenizer, "--seed", str(seed))
@@ -578,10 +705,10 @@ def test_a_step_weighs_queries_by_alpha_over_n_and_answers_by_one_over_the_answe
     monkeypatch.setattr(lsp, "policy_update", lambda *a, **kw: seen.update(kw) or real_update(*a, **kw))
     metrics, episodes = selfplay.step()
     assert metrics["query_invalid_rate"] == pytest.approx(2 / 3)
-    assert seen["weights"].tolist() == pytest.approx([0.5 / 3] * 3 + [1 / 2] * 2)  # deviation 5: 1/(N_valid G)
+    assert seen["weights"].tolist() == pytest.approx([1 / 2] * 2 + [0.5 / 3] * 3)  # deviation 5: 1/(N_valid G)
     advantages = [e["challenger_advantage"] for e in episodes]
     assert advantages[0] == 0.0 and advantages[1] == advantages[2] == -lsp.INVALID_QUERY_PENALTY
-    assert seen["advantages"][:3].tolist() == advantages
+    assert seen["advantages"][2:].tolist() == advantages  # the answers first, then the Challenger's queries
 
 
 def test_a_score_injected_in_the_answer_is_not_read_by_the_judge(tmp_path, smol_tokenizer):
@@ -746,19 +873,23 @@ def test_a_signal_finishes_the_step_saves_and_says_how_to_resume(tmp_path, tiny_
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == list(range(1, len(steps) + 2))
 
 
-def test_a_run_that_cannot_fit_the_gpu_names_the_flag_that_helps():
+def test_a_run_that_cannot_fit_the_gpu_names_the_flags_that_help():
     llama_3b, gib = 3.21e9, 2**30
 
-    def problem(gpu_gib, reward_model="some/reward-model", load_in_4bit=False):
-        args = argparse.Namespace(reward_model=reward_model, load_in_4bit=load_in_4bit)
+    def problem(gpu_gib, reward_model="some/reward-model", load_in_4bit=False, offload_frozen=False):
+        args = argparse.Namespace(reward_model=reward_model, load_in_4bit=load_in_4bit, offload_frozen=offload_frozen)
         return lsp.memory_problem(args, llama_3b, gpu_gib * gib)
     assert problem(80) is None  # 19.3 GB + two bf16 frozen models = 32 GB
-    assert "need about 29.9 GiB" in problem(32) and "Use --load-in-4bit" in problem(32)
+    assert "need about 29.9 GiB" in problem(32) and "Use --load-in-4bit or --offload-frozen." in problem(32)
     assert problem(32, load_in_4bit=True) is None
-    # on a 24 GB card even NF4 frozen models leave no room: the gradients themselves must shrink
+    # on a 24 GB card even NF4 frozen models leave no room; offloaded, they never meet the gradients there
     assert "need about 22.1 GiB" in problem(24e9 / gib, load_in_4bit=True)
-    assert "a GPU with more memory" in problem(24e9 / gib, load_in_4bit=True)
+    assert "Use --offload-frozen instead of --load-in-4bit." in problem(24e9 / gib, load_in_4bit=True)
     assert problem(24e9 / gib, reward_model="self", load_in_4bit=True) is None
+    assert problem(24e9 / gib, offload_frozen=True) is None
+    assert problem(20, reward_model="self").endswith("Use --offload-frozen.")  # NF4 would need 20.0 GiB
+    assert "need about 17.9 GiB" in problem(16, offload_frozen=True)
+    assert "a GPU with more memory" in problem(16, offload_frozen=True)
 
 
 def test_out_of_memory_stops_with_the_options_that_save_memory(tmp_path, tiny_model_dir, monkeypatch):
