@@ -99,7 +99,7 @@ def build_parser():
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
     parser.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward/backward in the update")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward to save memory")
-    parser.add_argument("--fast-sampler", choices=["auto", "on", "off"], default="auto", help="static KV cache, CUDA graphs")
+    parser.add_argument("--fast-sampler", choices=["auto", "on", "off"], default="off", help="static KV cache, CUDA graphs")
     parser.add_argument("--out", default="runs/lsp", help="run directory; an existing run there is resumed")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved options")
     parser.add_argument("--log-every", type=int, default=10, help="print a few examples every this many steps")
