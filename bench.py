@@ -18,9 +18,12 @@ Measure the LSP trainer's speed and memory, and print one markdown table (for th
        With --against REV the iteration of lsp.py as it was at git revision REV runs too, with the same
        options, its own models, and on a CPU in float32: the versions alternate, each warmed up once,
        and their ratio is the speed-up measured side by side.
-    3. Peak memory: on CUDA the largest `torch.cuda.max_memory_allocated()` of each part (the
-       iteration against a 22 GiB target: a 24 GB card less the CUDA context and fragmentation); on
-       a CPU the process's peak resident set size (RSS) so far, which includes Python and libraries.
+    3. Peak memory: on CUDA the largest `torch.cuda.max_memory_allocated()` of each part, and the
+       most memory in use on the whole device (`torch.cuda.mem_get_info`, polled by `PeakInUse`),
+       which also counts the CUDA context, the allocator's cached blocks and memory that libraries
+       such as bitsandbytes allocate outside PyTorch's allocator (the iteration against a 22 GiB
+       target: a 24 GB card less the CUDA context and fragmentation); on a CPU the process's peak
+       resident set size (RSS) so far, which includes Python and libraries.
 
 Presets:
     cpu   SmolLM2-135M-Instruct (real weights), batch 16, 64 new tokens; a small iteration judged
@@ -51,6 +54,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -111,9 +115,45 @@ def reset_peak_memory(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def peak_memory(device):
+class PeakInUse:
+    """The most memory in use on a CUDA device (total - free) during a `with` block; `peak` in bytes, None on a CPU.
+
+    max_memory_allocated sees only PyTorch's caching allocator, not what bitsandbytes allocates past it (paged
+    optimizer states) nor the CUDA context. mem_get_info sees all of it, other processes on the GPU included, but
+    only as it is now: a thread reads it every few milliseconds, and the block's start and end are read too, so a
+    phase shorter than that is not missed."""
+
+    def __init__(self, device, interval=0.005):
+        self.device, self.interval, self.peak = device, interval, None
+        self.done = threading.Event()
+
+    def read(self):
+        free, total = torch.cuda.mem_get_info(self.device)
+        self.peak = max(self.peak or 0, total - free)
+
+    def poll(self):
+        while not self.done.wait(self.interval):
+            self.read()
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            self.read()
+            self.thread = threading.Thread(target=self.poll, daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.device.type == "cuda":
+            self.done.set()
+            self.thread.join()
+            self.read()
+
+
+def peak_memory(device, in_use=None):
     if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / GIB:.2f} GiB (CUDA, allocated)"
+        return f"{torch.cuda.max_memory_allocated(device) / GIB:.2f} GiB (CUDA, allocated)" + (
+            "" if in_use is None else f"; {in_use.peak / GIB:.2f} GiB in use on the device at peak (mem_get_info, "
+            "includes the CUDA context and memory outside PyTorch's allocator)")
     rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return f"{rss_kib / 2 ** 20:.2f} GiB (peak RSS of the process so far)"
 
@@ -246,24 +286,25 @@ def main(argv=None):
         bandwidth = next((tb for name, tb in BANDWIDTH_TB_S if name in device_text), None)
     new_tokens = preset["new_tokens"]
     reset_peak_memory(device)
-    for batch in preset["batch_sizes"]:
-        prompts = chat_prompts(tokenizer, batch, *preset["prompt_tokens"])
-        lengths = [len(p) for p in prompts]
-        speed, warm_up = compare_samplers(policy, prompts, new_tokens, options.repeats)
-        name = f"sampler, batch {batch}, prompts {min(lengths)}-{max(lengths)} tokens, {new_tokens} new tokens"
-        for runner, tokens_per_s in speed.items():
-            row(f"{name}: {runner}", f"{tokens_per_s:,.0f} tok/s")
-        row(f"{name}: ours / generate", f"{speed['lsp.sample'] / speed['model.generate']:.2f}")
-        row(f"{name}: fast / eager", f"{speed['lsp.sample fast'] / speed['lsp.sample']:.2f}")
-        row(f"{name}: fast / generate", f"{speed['lsp.sample fast'] / speed['model.generate']:.2f}")
-        row(f"{name}: fast, first call (compiles on CUDA)", f"{warm_up['lsp.sample fast']:.3g} s")
-        if bandwidth:
-            context = sum(lengths) / batch + new_tokens / 2  # mean tokens in the cache over the decode
-            floor = bandwidth_floor(policy, batch, context, bandwidth * 1e12)
-            row(f"{name}: bandwidth floor at {bandwidth} TB/s",
-                f"{floor:,.0f} tok/s (ours at {speed['lsp.sample'] / floor:.0%} of it, fast at "
-                f"{speed['lsp.sample fast'] / floor:.0%})")
-    row("peak memory, samplers", peak_memory(device))
+    with PeakInUse(device) as in_use:
+        for batch in preset["batch_sizes"]:
+            prompts = chat_prompts(tokenizer, batch, *preset["prompt_tokens"])
+            lengths = [len(p) for p in prompts]
+            speed, warm_up = compare_samplers(policy, prompts, new_tokens, options.repeats)
+            name = f"sampler, batch {batch}, prompts {min(lengths)}-{max(lengths)} tokens, {new_tokens} new tokens"
+            for runner, tokens_per_s in speed.items():
+                row(f"{name}: {runner}", f"{tokens_per_s:,.0f} tok/s")
+            row(f"{name}: ours / generate", f"{speed['lsp.sample'] / speed['model.generate']:.2f}")
+            row(f"{name}: fast / eager", f"{speed['lsp.sample fast'] / speed['lsp.sample']:.2f}")
+            row(f"{name}: fast / generate", f"{speed['lsp.sample fast'] / speed['model.generate']:.2f}")
+            row(f"{name}: fast, first call (compiles on CUDA)", f"{warm_up['lsp.sample fast']:.3g} s")
+            if bandwidth:
+                context = sum(lengths) / batch + new_tokens / 2  # mean tokens in the cache over the decode
+                floor = bandwidth_floor(policy, batch, context, bandwidth * 1e12)
+                row(f"{name}: bandwidth floor at {bandwidth} TB/s",
+                    f"{floor:,.0f} tok/s (ours at {speed['lsp.sample'] / floor:.0%} of it, fast at "
+                    f"{speed['lsp.sample fast'] / floor:.0%})")
+    row("peak memory, samplers", peak_memory(device, in_use))
     del policy  # the iteration loads its own models, the way the trainer does
     if options.skip_step:
         return
@@ -290,13 +331,14 @@ def main(argv=None):
             for version, selfplay in selfplays.items():
                 reset_peak_memory(device)
                 synchronize(device)
-                start = time.perf_counter()
-                metrics, _ = selfplay.step()
-                synchronize(device)
+                with PeakInUse(device) as in_use:
+                    start = time.perf_counter()
+                    metrics, _ = selfplay.step()
+                    synchronize(device)
                 results[version] = metrics, time.perf_counter() - start
-                peaks[version] = peak_memory(device)
+                peaks[version] = peak_memory(device, in_use)
     except torch.OutOfMemoryError:
-        return row("LSP iteration", "out of GPU memory; " + peak_memory(device))
+        return row("LSP iteration", "out of GPU memory; " + peak_memory(device, in_use))
     for version, (metrics, total) in results.items():
         for phase in ("challenger", "solver", "reward", "judge", "update", "offload"):
             if f"time/{phase}" in metrics:  # no judge phase with --no-self-reward, no offload without --offload-frozen

@@ -1,11 +1,13 @@
-"""Test for bench.py: the tiny preset end to end in a subprocess. It checks the table's rows and that
-every number is finite and positive; timings and their ratios are never asserted."""
+"""Tests for bench.py: the tiny preset end to end in a subprocess, checking the table's rows and that
+every number is finite and positive (timings and their ratios are never asserted); and the CUDA
+peak-memory poller, on a CPU with a stand-in for torch.cuda.mem_get_info."""
 
 import math
 import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -45,3 +47,26 @@ def test_worst_case_changes_one_trainer_and_leaves_the_lsp_module_alone():
     assert lsp.read_query is original and lsp.SelfPlay.read_query is original  # no process-wide patch
     tokenizer = SimpleNamespace(decode=lambda tokens, skip_special_tokens: "cut off here")
     assert selfplay.read_query(tokenizer, [5, 6], []) == ("cut off here", "ok") and selfplay.stop_ids == []
+
+
+def test_peak_in_use_keeps_the_highest_reading_of_a_block_not_its_last(monkeypatch):
+    import bench
+    import torch
+    gib, total = 2 ** 30, 80 * 2 ** 30
+    used = [1 * gib, 3 * gib, 7 * gib, 4 * gib, 2 * gib]  # in use rises, peaks and falls back within the block
+    calls = []
+
+    def mem_get_info(device):
+        calls.append(device)
+        return total - used[min(len(calls), len(used)) - 1], total  # (free, total), the last value from then on
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    with bench.PeakInUse(torch.device("cuda")) as in_use:
+        for _ in range(10_000):  # the block lasts until the poller has read every value (a minute at most)
+            if len(calls) > len(used):
+                break
+            time.sleep(0.005)
+    assert len(calls) > len(used), "PeakInUse did not poll while the block ran"
+    assert in_use.peak == 7 * gib and not in_use.thread.is_alive()
+    read = len(calls)
+    time.sleep(0.05)
+    assert len(calls) == read  # no reading once the block has ended
