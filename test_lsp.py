@@ -24,6 +24,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llam
                           LlamaForSequenceClassification)
 
 import lsp
+from bench import LLAMA_3B
 
 HERE = Path(__file__).parent
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1"}  # no network here: fail fast instead of retrying
@@ -874,22 +875,59 @@ def test_a_signal_finishes_the_step_saves_and_says_how_to_resume(tmp_path, tiny_
 
 
 def test_a_run_that_cannot_fit_the_gpu_names_the_flags_that_help():
-    llama_3b, gib = 3.21e9, 2**30
+    with torch.device("meta"):  # the real Llama-3.2-3B shape, 3.21 billion parameters that take no memory
+        llama_3b = AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA_3B))
+    gib = 2**30
 
-    def problem(gpu_gib, reward_model="some/reward-model", load_in_4bit=False, offload_frozen=False):
-        args = argparse.Namespace(reward_model=reward_model, load_in_4bit=load_in_4bit, offload_frozen=offload_frozen)
+    def problem(gpu_gib, *flags, reward_model="some/reward-model", micro_batch_size=4):
+        args = argparse.Namespace(reward_model=reward_model, micro_batch_size=micro_batch_size, max_query_tokens=256,
+                                  max_completion_length=512, load_in_4bit="--load-in-4bit" in flags,
+                                  offload_frozen="--offload-frozen" in flags,
+                                  gradient_checkpointing="--gradient-checkpointing" in flags)
         return lsp.memory_problem(args, llama_3b, gpu_gib * gib)
-    assert problem(80) is None  # 19.3 GB + two bf16 frozen models = 32 GB
-    assert "need about 29.9 GiB" in problem(32) and "Use --load-in-4bit or --offload-frozen." in problem(32)
-    assert problem(32, load_in_4bit=True) is None
-    # on a 24 GB card even NF4 frozen models leave no room; offloaded, they never meet the gradients there
-    assert "need about 22.1 GiB" in problem(24e9 / gib, load_in_4bit=True)
-    assert "Use --offload-frozen instead of --load-in-4bit." in problem(24e9 / gib, load_in_4bit=True)
-    assert problem(24e9 / gib, reward_model="self", load_in_4bit=True) is None
-    assert problem(24e9 / gib, offload_frozen=True) is None
-    assert problem(20, reward_model="self").endswith("Use --offload-frozen.")  # NF4 would need 20.0 GiB
-    assert "need about 17.9 GiB" in problem(16, offload_frozen=True)
-    assert "a GPU with more memory" in problem(16, offload_frozen=True)
+    # 19.3 GB for the policy, 12.8 GB for two bf16 frozen models, 11.8 GiB of activations, 1.5 GiB of logits
+    assert problem(80) is None
+    assert "need about 43.2 GiB" in problem(48) and problem(48).endswith("Use --offload-frozen.")
+    # a 24 GB card (an RTX 4090 has 23.99 GiB): offloading alone leaves too little room for the activations
+    rtx_4090 = 24564 / 1024
+    assert problem(rtx_4090).endswith("Use --offload-frozen --gradient-checkpointing.")
+    assert "need about 31.2 GiB" in problem(rtx_4090, "--offload-frozen")
+    assert problem(rtx_4090, "--offload-frozen", "--gradient-checkpointing") is None  # 20.3 GiB
+    assert problem(rtx_4090, "--load-in-4bit").endswith("Use --offload-frozen --gradient-checkpointing instead of --load-in-4bit.")
+    # one frozen model: checkpointing alone fits, and keeps the reference on the GPU
+    assert problem(32, reward_model="self").endswith("Use --gradient-checkpointing.")
+    # 22.4 GiB (a "24 GB" card counted in GB): fewer sequences per micro-batch
+    assert "a smaller --micro-batch-size" in problem(22.35, "--offload-frozen", "--gradient-checkpointing")
+    assert problem(22.35, "--offload-frozen", "--gradient-checkpointing", micro_batch_size=1) is None
+    assert "a GPU with more memory" in problem(16, "--offload-frozen", "--gradient-checkpointing", micro_batch_size=1)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_memory_check_counts_what_the_update_keeps_for_backward(checkpointing):
+    """lsp.ACTIVATION_BYTES against the tensors autograd saves in token_logprobs, for a bf16 Llama of SmolLM2's
+    proportions: each added layer adds 48 bytes per token and hidden unit, or 2 (its input) when checkpointed."""
+    def saved_bytes(layers):
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=128, hidden_size=96, intermediate_size=256, num_hidden_layers=layers,
+                             num_attention_heads=4, num_key_value_heads=2)
+        model = LlamaForCausalLM(config).to(torch.bfloat16).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        storages = {}
+
+        def keep(tensor):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in weights:
+                storages[storage.data_ptr()] = storage.nbytes()
+            return tensor
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            lsp.token_logprobs(model, [list(range(3, 43))] * 4, [list(range(50, 114))] * 4, 1.0)  # a shared prompt
+        return sum(storages.values())
+    tokens = 4 * (40 + 64) if checkpointing else 40 + 4 * 64  # checkpointed, each row runs its prompt again
+    per_token_and_unit = (saved_bytes(3) - saved_bytes(2)) / tokens / 96  # one layer's worth
+    expected = 2 if checkpointing else lsp.ACTIVATION_BYTES
+    assert 0.9 * expected <= per_token_and_unit <= 1.1 * expected, per_token_and_unit
 
 
 def test_out_of_memory_stops_with_the_options_that_save_memory(tmp_path, tiny_model_dir, monkeypatch):
