@@ -7,6 +7,7 @@
        and loaded on the CPU (as a resumed run loads it) continues exactly as if never saved
     d. the first step's KL to the reference: 0 for an exact copy, > 0 for an NF4 reference (both printed)
     e. the fast sampler (torch.compile with CUDA graphs) gives the eager sampler's and generate's greedy tokens
+       and keeps its CUDA graphs from call to call
     f. --offload-frozen: the frozen reference visits the GPU for its phase only, in a new run and a resumed one
 
 Tiny random Llamas with the offline Llama-3-style tokenizer of conftest.py: no network, no weights, no gguf.
@@ -219,6 +220,26 @@ def test_fast_sampler_with_cuda_graphs_gives_the_eager_samplers_and_generates_to
             assert row == [1] * len(tokens) + [0] * (len(row) - len(tokens))
     assert counters["stats"]["unique_graphs"] >= 1, "the fast sampler's decoder was not compiled"
     assert not counters["inductor"]["cudagraph_skips"], "compiled, but without CUDA graphs"
+
+
+def test_the_fast_sampler_keeps_its_cuda_graphs_from_call_to_call(monkeypatch):
+    """A run samples thousands of times, each time into a new static KV cache: new addresses, so torch records the graphs
+    again. Where it counts those recordings against cudagraph_unexpected_rerecord_limit (128), it drops the graphs for
+    good past it (~40 steps of 3 calls); the limit set to 2 here, 6 calls would show it."""
+    import torch._inductor.config
+    from torch._dynamo.utils import counters
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config()).eval().to(DEVICE)
+    lsp.decoder("cuda")
+    monkeypatch.setattr(torch._dynamo.config, "suppress_errors", False)
+    monkeypatch.setattr(torch._inductor.config.triton, "cudagraph_unexpected_rerecord_limit", 2)
+    torch._dynamo.reset()
+    counters.clear()
+    first = lsp.sample(model, PROMPTS, 12, [], temperature=0, fast=True)[0]
+    for _ in range(5):
+        assert torch.equal(lsp.sample(model, PROMPTS, 12, [], temperature=0, fast=True)[0], first)
+    print(f"\n6 fast sampler calls: CUDA graph skips {dict(counters['inductor']).get('cudagraph_skips', 0)}")
+    assert not counters["inductor"]["cudagraph_skips"], "CUDA graphs dropped after repeated recordings"
 
 
 # --- f. --offload-frozen ---------------------------------------------------------------------
