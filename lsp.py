@@ -538,7 +538,6 @@ def policy_update(policy, reference, optimizer, prompts, completions, advantages
     if not prompts:  # nothing was sampled that can be trained on (every --queries query unscorable)
         return torch.zeros(0), torch.zeros(0), 0.0, 0.0
     policy.train()  # activation checkpointing only runs in train mode; Llama has no dropout
-    optimizer.zero_grad(set_to_none=True)
     total_loss, seq_kls, lengths = 0.0, [], []
     advantages, weights = advantages.to(policy.device), weights.to(policy.device)  # [S] each
     batches = [slice(start, start + args.micro_batch_size) for start in range(0, len(prompts), args.micro_batch_size)]
@@ -562,12 +561,12 @@ def policy_update(policy, reference, optimizer, prompts, completions, advantages
     return torch.cat(seq_kls), torch.cat(lengths).float(), total_loss, grad_norm
 
 
-def round_to_bf16_stochastically(values):
-    """float32 -> bfloat16, rounding up with probability equal to the fraction cut off. bf16 keeps the top
-    16 bits of a float32: random low bits added before dropping them make the rounding unbiased."""
-    bits = values.view(torch.int32)
-    noise = torch.randint_like(bits, 0, 1 << 16)
-    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
+def round_to_bf16_stochastically_(values):
+    """Round float32 values in place to ones bf16 holds, up with probability equal to the fraction cut off (random low bits
+    added before bf16 drops the lower 16 make it unbiased). In place, 16M at a time: no memory beyond `values`."""
+    for bits in values.view(torch.int32).view(-1).split(1 << 24):
+        bits.add_(torch.randint_like(bits, 0, 1 << 16)).bitwise_and_(-65536)
+    return values
 
 
 def adamw_8bit_stochastic_rounding(params, lr):
@@ -583,7 +582,7 @@ def adamw_8bit_stochastic_rounding(params, lr):
             weight, grad = param.data, param.grad
             param.data, param.grad = weight.float(), grad.float()
             super().update_step(group, param, gindex, pindex)
-            weight.copy_(round_to_bf16_stochastically(param.data))
+            weight.copy_(round_to_bf16_stochastically_(param.data))  # exact: the values are bf16 ones now
             param.data, param.grad = weight, grad
 
     return AdamW8bitStochasticRounding(params, lr=lr, weight_decay=0.0)
@@ -921,28 +920,27 @@ def train(args, selfplay, start_step=0):
 # --- Main ------------------------------------------------------------------------------------
 
 def memory_problem(args, policy, gpu_bytes):
-    """Why the run cannot fit this GPU, naming the flags that make it fit, or None. Bytes: 6 per policy parameter (bf16
-    weights and gradients, 8-bit AdamW), 2 per frozen one (NF4 0.7, offloaded 0), and activations (README, Performance)."""
+    """Why the run cannot fit this GPU and the flags that make it fit (an exact reference first), or None. Bytes: 6 per
+    policy parameter (bf16 weights and gradients, 8-bit AdamW), 2 per frozen one (NF4 0.7, offloaded 0), and the update's."""
     frozen_models = 1 if args.reward_model == "self" or REWARD_FUNCTION.fullmatch(args.reward_model) else 2
     tokens = args.micro_batch_size * (args.max_query_tokens + args.max_completion_length)  # an update's micro-batch
     layers, hidden, vocab = policy.config.num_hidden_layers, policy.config.hidden_size, policy.config.vocab_size
+    optimizer_step = 8 * max(p.numel() for p in policy.parameters())  # a float32 weight and its gradient, for rounding
 
     def need(flags):
         frozen_bytes = 0 if "--offload-frozen" in flags else 0.7 if "--load-in-4bit" in flags else 2
         # checkpointed, a layer keeps only its bf16 input (2 of the 48 bytes), and one layer at a time is recomputed
         kept_layers = layers * 2 / ACTIVATION_BYTES + 1 if "--gradient-checkpointing" in flags else layers
-        return (policy.num_parameters() * (6 + frozen_bytes * frozen_models) + tokens * kept_layers * ACTIVATION_BYTES * hidden
-                + 3 * 4 * LOGPROB_CHUNK_TOKENS * vocab)  # and 3 copies of a chunk's float32 logits
+        backward = tokens * kept_layers * ACTIVATION_BYTES * hidden + 3 * 4 * LOGPROB_CHUNK_TOKENS * vocab  # 3 logit chunks
+        return policy.num_parameters() * (6 + frozen_bytes * frozen_models) + max(backward, optimizer_step)
     chosen = {flag for flag in ("--offload-frozen", "--gradient-checkpointing", "--load-in-4bit")
               if getattr(args, flag[2:].replace("-", "_"))}
     if need(chosen) <= 0.9 * gpu_bytes:  # 10%: CUDA's own memory and fragmentation
         return None
-    # exact reference first (NF4 frozen models take more memory than offloaded ones anyway)
+    instead = " instead of --load-in-4bit" if "--load-in-4bit" in chosen else ""  # the two cannot be combined
     fixes = [flags for flags in ("--offload-frozen", "--gradient-checkpointing", "--offload-frozen --gradient-checkpointing")
              if set(flags.split()) >= chosen - {"--load-in-4bit"} and need(flags) <= 0.9 * gpu_bytes]
-    fix = fixes[0] if fixes else "a smaller --micro-batch-size or --model, or a GPU with more memory"
-    if fixes and "--load-in-4bit" in chosen:
-        fix += " instead of --load-in-4bit"
+    fix = fixes[0] + instead if fixes else "a smaller --micro-batch-size or --model, or a GPU with more memory"
     return (f"weights, gradients, optimizer states and activations need about {need(chosen) / 2**30:.1f} GiB; this GPU "
             f"has {gpu_bytes / 2**30:.1f} GiB. Use {fix}.")
 
@@ -974,6 +972,8 @@ def start(args):
     if saved:
         # on the CPU: RNG states must stay CPU byte tensors; the optimizer moves its own states to the GPU
         state = torch.load(saved[-1] / "trainer_state.pt", map_location="cpu", weights_only=True)
+        if bool(state["cuda_rng"]) != (device.type == "cuda"):  # AdamW's states and 8-bit AdamW's do not convert
+            sys.exit(f"error: {out} was trained on a {'GPU' if state['cuda_rng'] else 'CPU'}: resume it on one")
         selfplay.load_state_dict(state)
         start_step = state["step"]
         tqdm.write(f"resuming {out} from {saved[-1].name}")
