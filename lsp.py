@@ -34,8 +34,8 @@ Deviations and choices where the paper is silent:
 Run:
     python lsp.py --model smollm2 --reward-model self --steps 3 --num-queries 4 --num-generations 2 --max-query-tokens 96 \
         --max-completion-length 64 --max-judge-tokens 64 --temperature 0.7 --log-every 1 --out runs/demo  # CPU demo
-    python lsp.py --steps 1500 --out runs/llama3b         # Llama-3.2-3B; a 24 GB GPU: the flags the run names at start
-    python lsp.py --resume runs/llama3b                                        # after Ctrl-C or a crash
+    python lsp.py --steps 1500 --out runs/llama3b   # Llama-3.2-3B on a GPU (24 GB: add the flags it names at start)
+    python lsp.py --resume runs/llama3b             # after Ctrl-C or a crash
     python eval.py eval --model runs/demo/checkpoint-000003 --baseline smollm2  # did it get better?
 """
 
