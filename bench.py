@@ -53,6 +53,7 @@ import copy
 import importlib.util
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -358,6 +359,9 @@ def main(argv=None):
         row("LSP iteration: before / now", f"{before / results['now'][1]:.2f}"
             + (" (now: bf16 autocast; before: float32)" if selfplays["now"].cpu_bf16 else ""))
     row("peak memory, LSP iteration", peaks["now"] + (" (target 22 GiB)" if cuda else ""))
+    # what the trainer's check at start estimates for these options on a GPU: asked about a GPU with no memory, it says
+    estimate = re.search(r"need about ([\d.]+ GiB)", lsp.memory_problem(args, selfplays["now"].policy, 0)).group(1)
+    row("memory check's estimate on a GPU (lsp.memory_problem)", estimate)
 
 
 if __name__ == "__main__":
