@@ -180,6 +180,16 @@ def test_tiny_top_p_keeps_only_the_most_likely_token(tiny_model):
     assert torch.equal(greedy, nucleus)
 
 
+def test_pick_tokens_draws_from_the_distribution_and_never_a_token_of_probability_zero():
+    probs = torch.tensor([0.1, 0.0, 0.2, 0.7, 0.0])
+    logits = probs.log().expand(40_000, -1)  # log 0 = -inf: those tokens have probability 0
+    for top_p, expected in [(1.0, probs), (0.75, torch.tensor([0.0, 0.0, 2 / 9, 7 / 9, 0.0]))]:  # top-p keeps 0.7, 0.2
+        tokens = lsp.pick_tokens(logits, 1.0, top_p, torch.Generator().manual_seed(0))  # [40000]
+        frequencies = torch.bincount(tokens, minlength=5) / len(tokens)
+        assert torch.allclose(frequencies, expected, atol=0.01), (top_p, frequencies)  # 5 standard errors
+        assert frequencies[expected == 0].sum() == 0
+
+
 def stop_mid_row(model, prompts, row=0, step=3):
     """A stop id that the greedy sampler writes at `step` of `row`, so that rows stop at different steps."""
     return lsp.sample(model, prompts, 12, [1], temperature=0)[0][row, step].item()
