@@ -279,11 +279,10 @@ def pick_tokens(logits, temperature, top_p, generator):
         # drop a token once the more likely ones before it already hold top_p of the mass
         sorted_probs[sorted_probs.cumsum(-1) - sorted_probs > top_p] = 0
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    # inverse CDF, one uniform number per row (torch.multinomial draws one per vocabulary entry: 30x slower on a CPU);
-    # float64 keeps tiny probabilities, and a draw in (0, total] never lands on a token of probability 0
-    cdf = probs.double().cumsum(-1)  # [B, V]
+    # inverse CDF: one uniform number per row (torch.multinomial draws one per vocabulary entry, 30x slower on a CPU)
+    cdf = probs.double().cumsum(-1)  # [B, V], in float64 to keep tiny probabilities
     draws = (1 - torch.rand(len(cdf), 1, generator=generator, device=cdf.device, dtype=cdf.dtype)) * cdf[:, -1:]  # [B, 1]
-    return torch.searchsorted(cdf, draws).squeeze(-1)  # [B]
+    return torch.searchsorted(cdf, draws).squeeze(-1)  # [B]: a draw in (0, total] never picks a token of probability 0
 
 
 @functools.cache
@@ -309,8 +308,7 @@ def prefill(model, prompts, cache):
 
 
 @torch.no_grad()
-def sample(model, prompts, max_new_tokens, stop_ids, temperature=1.0, top_p=1.0, generator=None, fast=False,
-           sync_every=None):
+def sample(model, prompts, max_new_tokens, stop_ids, temperature=1.0, top_p=1.0, generator=None, fast=False, sync_every=None):
     """Sample a completion for each prompt (token-id lists of any lengths): completion_ids [B, T] and completion_mask
     [B, T], T <= max_new_tokens. The mask is 1 up to and including each row's stop token, so the loss also teaches
     the model when to stop; after it, padding and mask 0. fast=True: the same tokens with a static KV cache and fixed
@@ -606,8 +604,7 @@ class SelfPlay:
 
     read_query = staticmethod(read_query)  # a hook: bench.py makes every query valid
 
-    def __init__(self, args, policy, tokenizer, reference, reward_model=None, reward_tokenizer=None,
-                 reward_function=None):
+    def __init__(self, args, policy, tokenizer, reference, reward_model=None, reward_tokenizer=None, reward_function=None):
         self.args, self.policy, self.tokenizer, self.reference = args, policy, tokenizer, reference
         self.reward_model, self.reward_tokenizer, self.reward_function = reward_model, reward_tokenizer, reward_function
         self.dataset = read_instructions(args.queries) if args.queries else None
@@ -708,8 +705,7 @@ class SelfPlay:
                                   device=self.generator.device).tolist()
             query_tokens, queries, statuses = [], [self.dataset[i] for i in picks], ["ok"] * args.num_queries
         else:
-            query_tokens = self.roll_out([self.challenger_prompt] * args.num_queries, args.max_query_tokens,
-                                         self.query_stop_ids)
+            query_tokens = self.roll_out([self.challenger_prompt] * args.num_queries, args.max_query_tokens, self.query_stop_ids)
             template = args.template if args.fill_template else None  # the query fills it
             queries, statuses = zip(*(self.read_query(self.tokenizer, t, self.query_stop_ids, template) for t in query_tokens))
         if self.reward_function:  # None, whatever the answer, marks a query that is not a valid problem
@@ -892,8 +888,7 @@ def train(args, selfplay, start_step=0):
     # line-buffered: each step's lines reach the disk at once, so a killed run loses at most its last step
     with StopRequest() as stop, open(out / "metrics.jsonl", "a", buffering=1) as metrics_file, \
             open(out / "episodes.jsonl", "a", buffering=1) as episodes_file:
-        bar = tqdm(range(start_step + 1, args.steps + 1), initial=start_step, total=args.steps,
-                   desc="LSP", dynamic_ncols=True)
+        bar = tqdm(range(start_step + 1, args.steps + 1), initial=start_step, total=args.steps, desc="LSP", dynamic_ncols=True)
         for step in bar:
             started = time.perf_counter()
             metrics, episodes = selfplay.step()
