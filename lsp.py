@@ -376,12 +376,13 @@ def token_logprobs(model, prompts, completions, temperature):
         hidden = model.base_model(input_ids=completion_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
                                   position_ids=positions_from_mask(attention_mask)[:, -num_completion:]).last_hidden_state
         hidden = torch.cat([prompt_hidden[:, None], hidden[:, :-1]], dim=1)  # [B, T, H]: the state at t predicts token t + 1
-    # float32 logits of a 128k vocabulary take 0.5 MB a token: made a chunk at a time, and recomputed in backward
+    # float32 logits of a 128k vocabulary take 0.5 MB a token: made a chunk at a time and recomputed in backward,
+    # but for the last chunk: its backward comes first, so keeping its logits until then adds nothing to the peak
     width = max(1, LOGPROB_CHUNK_TOKENS // batch)
-    logprobs = torch.cat([
-        torch.utils.checkpoint.checkpoint(chunk_logprobs, model.lm_head, hidden[:, i:i + width],
-                                          completion_ids[:, i:i + width], temperature, use_reentrant=False)
-        for i in range(0, num_completion, width)], dim=1)  # [B, T]
+    chunks = [(hidden[:, i:i + width], completion_ids[:, i:i + width]) for i in range(0, num_completion, width)]
+    logprobs = [torch.utils.checkpoint.checkpoint(chunk_logprobs, model.lm_head, chunk_hidden, chunk_ids, temperature,
+                                                  use_reentrant=False) for chunk_hidden, chunk_ids in chunks[:-1]]
+    logprobs = torch.cat(logprobs + [chunk_logprobs(model.lm_head, *chunks[-1], temperature)], dim=1)  # [B, T]
     return logprobs * completion_mask, completion_mask
 
 
