@@ -13,9 +13,9 @@ Measure the LSP trainer's speed and memory, and print one markdown table (for th
        KV cache of the whole batch, so tokens/s <= batch * bandwidth / (weight bytes + KV bytes).
     2. One LSP iteration (`lsp.SelfPlay.step`) split into its phases: challenger, solver, reward,
        judge, update, and the total, the best of --repeats iterations after a warm-up one. The options
-       are the trainer's own (`lsp.parse_args`). Every
-       sequence runs to its length limit (no stop ids, every query valid): the worst case, which
-       is what a time and memory budget must hold, and what random weights need to get past step 1.
+       are the trainer's own (`lsp.parse_args`). Every sequence runs to its length limit (no stop ids,
+       every query valid): the worst case, which is what a time and memory budget must hold, and what
+       random weights need to get past step 1.
        With --against REV the iteration of lsp.py as it was at git revision REV runs too, with the same
        options, its own models, and on a CPU in float32: the versions alternate round by round, and the
        ratio of their best iterations is the speed-up measured side by side.
