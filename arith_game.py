@@ -45,10 +45,13 @@ TIMES = "*x×"
 PIECE = re.compile(r"[0-9]+| +|.", re.DOTALL)  # a literal, a run of spaces or any one character
 
 # "What is <expression>?" with the closing sentence optional; case and spacing may vary.
-QUERY = re.compile(r"what\s+is\s+([^?]*)\?(?:\s*answer\s+with\s+the\s+number\s+only\.?)?", re.IGNORECASE)
+QUERY = re.compile(r"what\s+is\s+([^?]*)\?"
+                   r"(?:\s*answer\s+with\s+the\s+number\s+only\.?)?", re.IGNORECASE)
 # A number in the Solver's text: an optional sign (a minus after a letter, digit or ')' is a
 # subtraction, not a sign), digits with optional thousands separators, an optional decimal part.
-NUMBER = re.compile(r"(?:(?<![\w)])([-−]))?([0-9]{1,3}(?:,[0-9]{3})+(?![0-9])|[0-9]+)(?:\.([0-9]+))?")
+NUMBER = re.compile(r"(?:(?<![\w)])([-−]))?"  # the sign
+                    r"([0-9]{1,3}(?:,[0-9]{3})+(?![0-9])|[0-9]+)"  # the whole part
+                    r"(?:\.([0-9]+))?")  # the decimal part
 
 
 def tokenize(expression):
@@ -164,12 +167,16 @@ def reward(queries, answers):
     if len(queries) != len(answers):
         raise ValueError(f"{len(queries)} queries but {len(answers)} answers")
     truth = {query: true_answer(query) for query in set(queries)}  # each query comes G times
-    return [None if truth[q] is None else float(final_answer(a) == truth[q]) for q, a in zip(queries, answers)]
+    return [None if truth[q] is None else float(final_answer(a) == truth[q])
+            for q, a in zip(queries, answers)]
 
 
 def difficulty(query):
-    """Total digits of the operands: 2 for '3 + 4', 4 for '12 + 34', 6 for '123 + 456'. Products
-    count like sums of the same digits, and operators and parentheses add nothing. None if invalid."""
+    """Total digits of the operands: 2 for '3 + 4', 4 for '12 + 34', 6 for '123 + 456'.
+
+    Products count like sums of the same digits, and operators and parentheses add nothing.
+    None if the query is not a valid problem.
+    """
     expression = parse_problem(query)
     if expression is None:
         return None
@@ -186,26 +193,30 @@ LEVELS = {
     "1-digit sum": lambda rng: f"{number(rng, 1)} + {number(rng, 1)}",
     "2-digit sum": lambda rng: f"{number(rng, 2)} + {number(rng, 2)}",
     "1-digit product": lambda rng: f"{number(rng, 1)} * {number(rng, 1)}",
-    "2-digit product": lambda rng: f"{number(rng, 2)} * {rng.randint(2, 9)}",  # not the trivial * 0, * 1
+    # not the trivial * 0 and * 1
+    "2-digit product": lambda rng: f"{number(rng, 2)} * {rng.randint(2, 9)}",
     "3-digit sum": lambda rng: f"{number(rng, 3)} + {number(rng, 3)}",
 }
 HELDOUT_SEED, DEV_SEED = 1234, 4321
 # Training queries per level, out of 32. The 1-digit levels are rare because held-out and dev
 # take 80 of their 100 problems; past about 640 queries they run out (ValueError).
-TRAINING_MIX = {"1-digit sum": 1, "2-digit sum": 10, "1-digit product": 1, "2-digit product": 10, "3-digit sum": 10}
+TRAINING_MIX = {"1-digit sum": 1, "2-digit sum": 10, "1-digit product": 1,
+                "2-digit product": 10, "3-digit sum": 10}
 
 
 def problems(level, count, seed, exclude=()):
     """`count` distinct problems of a level as {"level", "query", "answer"}, the same for a seed,
     none of them in `exclude`. Queries are written by filling TEMPLATE, as the Challenger does."""
-    rng, excluded, chosen, misses = random.Random(f"{level}/{seed}"), set(exclude), {}, 0
+    rng = random.Random(f"{level}/{seed}")
+    excluded, chosen, misses = set(exclude), {}, 0
     # a small level can run out of unused problems: give up after many draws in a row find none
     while len(chosen) < count and misses < 10_000:
         query = TEMPLATE.format(expression=LEVELS[level](rng))
         if query in excluded or query in chosen:
             misses += 1
         else:
-            chosen[query], misses = true_answer(query), 0
+            chosen[query] = true_answer(query)
+            misses = 0
     if len(chosen) < count:
         raise ValueError(f"found only {len(chosen)} unused {level!r} problems, {count} asked for")
     return [{"level": level, "query": query, "answer": answer} for query, answer in chosen.items()]
@@ -219,7 +230,8 @@ def heldout_set(per_level=64):
 def dev_set(per_level=16):
     """The set for choosing settings; disjoint from the held-out set."""
     heldout = {row["query"] for row in heldout_set()}
-    return [row for level in LEVELS for row in problems(level, per_level, DEV_SEED, exclude=heldout)]
+    return [row for level in LEVELS
+            for row in problems(level, per_level, DEV_SEED, exclude=heldout)]
 
 
 def training_set(count, seed):
@@ -256,7 +268,8 @@ def main(argv=None):
         for level in LEVELS:
             at_level = [row for row in rows if row["level"] == level]
             example = at_level[0]
-            print(f"  {level:16} {len(at_level):3} problems, difficulty {difficulty(example['query'])}, "
+            print(f"  {level:16} {len(at_level):3} problems, "
+                  f"difficulty {difficulty(example['query'])}, "
                   f"e.g. {example['query']!r} -> {example['answer']}")
 
 

