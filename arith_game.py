@@ -16,20 +16,35 @@ text makes an invalid query, never a crash, a hang or a huge number.
 Data: `heldout_set()` is the fixed evaluation set; never use it to choose settings: use
 `dev_set()` for that. `training_set()` is disjoint from both.
 
+It is a game file for `python lsp.py --game arith_game.py`, which reads from it TASK, TEMPLATE,
+`reward` and TRAINER_OPTIONS (the trainer's settings for the game), and, for the curriculum's
+metrics and the live learning curve, `difficulty`, `canonical` and `dev_set`. `python eval.py
+score --game arith_game.py` scores a model on `heldout_set`. A game of your own is a file with
+the same names; only TASK, TEMPLATE and `reward` are required.
+
 Run:
+    python lsp.py --game arith_game.py --out runs/game                    # self-play, ~12 min
+    python eval.py score --model runs/game/checkpoint-000025              # the held-out score
     python arith_game.py queries --count 512 --seed 0 --out queries.txt   # training queries
     python arith_game.py heldout                                          # the held-out set
-    python -m pytest -q test_game.py
-and give the trainer --task "$TASK" --template "$TEMPLATE" (the strings below) and `reward`.
 """
 
 import argparse
 import random
 import re
 
-# The examples help a small model write a problem at all; none of them is a held-out or dev problem.
+# The examples help a small model write a problem at all; none is a held-out or dev problem.
 TASK = "arithmetic with whole numbers, using +, - and *, for example 6 + 9, 23 * 3 or 58 - 19"
 TEMPLATE = "What is {expression}? Answer with the number only."
+# The trainer's settings for this game (python lsp.py --game arith_game.py): SmolLM2 on a CPU,
+# 4 problems a step, 8 answers each, and the edge reward for the Challenger (deviation 9). The
+# sampling and learning-rate settings were chosen on Solver-only runs; see docs/runs.md.
+TRAINER_OPTIONS = {
+    "model": "smollm2", "challenger_reward": "edge", "num_queries": 4, "num_generations": 8,
+    "max_query_tokens": 24, "max_completion_length": 32, "micro_batch_size": 8,
+    "temperature": 0.7, "learning_rate": 1e-5, "steps": 25, "save_every": 5, "keep": 100,
+    "eval_every": 5, "log_every": 5,
+}
 
 # Bounds on one expression: generous for any problem a small model can be asked, tight enough
 # that checking hostile text takes a few hundred steps and every value has at most 13 digits.
@@ -181,6 +196,14 @@ def difficulty(query):
     if expression is None:
         return None
     return sum(len(str(token)) for token in tokenize(expression) if isinstance(token, int))
+
+
+def canonical(query):
+    """The problem a query states, spelled one way ('6+9' for 'What is 6 + 9?'), or None if it is
+    not a valid problem. The trainer counts repeated problems with it; '9 + 6' is another
+    problem, which the Solver reads in another order."""
+    expression = parse_problem(query)
+    return None if expression is None else "".join(map(str, tokenize(expression)))
 
 
 def number(rng, digits):

@@ -4,7 +4,7 @@ Evaluation and plots for Language Self-Play: did the self-play make the model be
     eval   pairwise win rate of a model (e.g. a trainer checkpoint) against a baseline (e.g. the
            model it started from), judged by a language model, in the spirit of the paper's
            AlpacaEval numbers (win rate against the base model).
-    score  accuracy of a model on the arithmetic game's held-out set (arith_game.heldout_set),
+    score  accuracy of a model on a game's held-out set (arith_game.heldout_set by default),
            per level, with 95% Wilson intervals: the exact, judge-free check of a game run.
     plot   the training curves of a run directory (RUN_DIR/metrics.jsonl -> RUN_DIR/curves.png).
 
@@ -28,7 +28,8 @@ How `eval` scores, and the choices made:
        numbers comparable to the paper pass AlpacaEval's 805 instructions with --prompts.
 
 How `score` scores: the model answers each held-out problem greedily, as one user turn, and is
-right when arith_game.final_answer (the last integer of its text) equals the true value. Greedy,
+right when the game's reward gives its answer 1 (for arith_game: when the last integer of its
+text is the true value). Greedy,
 because it is the answer the model finds most likely and has no sampling noise: a score is
 repeatable, and two checkpoints differ only by their weights. An interval is Wilson's
 (`wilson_interval`), which, unlike p +- 1.96 sqrt(p (1 - p) / n), stays within [0, 1] and is not
@@ -55,10 +56,10 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
-import arith_game
 import lsp
 from judge_prompts import EVAL_INSTRUCTIONS, PAIRWISE_PROMPT
-from run_machinery import chat_prompt, default_device, read_instructions, read_jsonl
+from run_machinery import (call_reward_function, chat_prompt, default_device, load_game,
+                           read_instructions, read_jsonl)
 
 
 # --- Options ---------------------------------------------------------------------------------
@@ -78,10 +79,13 @@ def build_parser():
     arg("--max-new-tokens", type=int, default=256, help="longest answer of each model")
     arg("--max-judge-tokens", type=int, default=128, help="longest judge output")
     arg("--batch-size", type=int, default=8, help="prompts per batch when generating")
-    heldout = commands.add_parser("score", help="accuracy on the arithmetic game's held-out set")
+    heldout = commands.add_parser("score", help="accuracy on a game's held-out set")
     arg = heldout.add_argument
     arg("--model", required=True, help="hub id, local path (a run's checkpoint) or 'smollm2'")
-    arg("--per-level", type=int, default=64, help="held-out problems per level")
+    arg("--game", default="arith_game.py", help="the game file, with heldout_set() and reward")
+    arg("--split", choices=["heldout", "dev"], default="heldout",
+        help="heldout: for results; dev: for choosing settings")
+    arg("--per-level", type=int, help="problems per level (default: the set's own, 64 held out)")
     arg("--max-new-tokens", type=int, default=32, help="longest answer")
     arg("--batch-size", type=int, default=16, help="prompts per batch when generating")
     arg("--out", default="heldout.jsonl", help="per-problem answers, a JSON line each")
@@ -296,10 +300,14 @@ def wilson_interval(right, n, z=1.96):
 
 
 def score(args):
-    """Greedy accuracy of --model on arith_game.heldout_set(--per-level): returns
-    {level: (right, n, accuracy, low, high)} for each level in arith_game.LEVELS, then "all"."""
+    """Greedy accuracy of --model on the game's heldout_set(--per-level), or dev_set: returns
+    {level: (right, n, accuracy, low, high)} for each level, in the set's order, then "all"."""
+    game = load_game(args.game)
+    if not hasattr(game, f"{args.split}_set"):
+        sys.exit(f"error: --game {args.game} has no {args.split}_set() to score on")
     try:  # before loading the model: too many problems for a level fails at once
-        problems = arith_game.heldout_set(args.per_level)
+        problem_set = getattr(game, f"{args.split}_set")
+        problems = problem_set(args.per_level) if args.per_level else problem_set()
     except ValueError as error:
         sys.exit(f"error: --per-level {args.per_level}: {error}")
     device = default_device()
@@ -311,30 +319,30 @@ def score(args):
     tokens = greedy(model, tokenizer, prompts, args.max_new_tokens, args.batch_size, "answers")
     answering = time.perf_counter() - clock
     stop_ids = lsp.stop_token_ids(model, tokenizer)
-    texts, records = tokenizer.batch_decode(tokens, skip_special_tokens=True), []
-    for problem, text, answer_tokens in zip(problems, texts, tokens):
-        given = arith_game.final_answer(text)
+    texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    queries = [problem["query"] for problem in problems]
+    rewards = call_reward_function(game.reward, queries, texts).tolist()
+    records = []
+    for problem, text, reward, answer_tokens in zip(problems, texts, rewards, tokens):
         clipped = not answer_tokens or answer_tokens[-1] not in stop_ids
-        records.append({**problem, "text": text, "final_answer": given,
-                        "right": given == problem["answer"], "clipped": clipped})
+        records.append({**problem, "text": text, "reward": reward, "right": reward == 1.0,
+                        "clipped": clipped})
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(record) + "\n" for record in records))
 
     results = {}
-    for level in [*arith_game.LEVELS, "all"]:
+    for level in [*dict.fromkeys(record["level"] for record in records), "all"]:
         rights = [record["right"] for record in records if level in ("all", record["level"])]
         right, n = sum(rights), len(rights)
         results[level] = (right, n, right / n, *wilson_interval(right, n))
-    print(f"\n{args.model} on the arithmetic held-out set: {len(records)} problems, greedy, "
-          f"up to {args.max_new_tokens} tokens")
+    print(f"\n{args.model} on the {args.split} set of {args.game}: {len(records)} problems, "
+          f"greedy, up to {args.max_new_tokens} tokens")
     print(f"{'level':<16} {'right/n':>9} {'accuracy':>9}   95% interval")
     for level, (right, n, accuracy, low, high) in results.items():
         print(f"{level:<16} {f'{right}/{n}':>9} {accuracy:>9.3f}   {low:.3f} to {high:.3f}")
     cut = sum(record["clipped"] for record in records)
-    no_integer = sum(record["final_answer"] is None for record in records)
-    print(f"answers cut at {args.max_new_tokens} tokens: {cut} of {len(records)}; "
-          f"with no integer: {no_integer}")
+    print(f"answers cut at {args.max_new_tokens} tokens: {cut} of {len(records)}")
     print(f"answers in {out}")
     total = time.perf_counter() - started
     print(f"time: answers {answering:.0f} s, total {total:.0f} s with loading")
@@ -351,19 +359,12 @@ PANELS = [  # (title, metrics drawn in it)
     ("length (tokens)", ["answer_length", "query_length"]),
     ("failure rates", ["reward_judge_parse_failure_rate", "judge_parse_failure_rate",
                        "query_invalid_rate"]),
-    ("arithmetic game: digits per problem", ["problem_digits"]),
+    # a game's curriculum: are the Challenger's problems new, at the Solver's edge, harder?
+    ("the Challenger's problems", ["query_distinct_rate", "query_repeat_rate",
+                                   "query_edge_rate"]),
+    ("difficulty of the valid problems (game)", ["query_difficulty"]),
+    ("dev accuracy, greedy (--eval-every)", ["dev_accuracy"]),
 ]
-
-
-def problem_digits_by_step(run_dir):
-    """{step: mean arith_game.difficulty (operand digits) of the step's valid problems};
-    {} for a run that is not the game."""
-    path, digits = Path(run_dir) / "episodes.jsonl", {}
-    for episode in read_jsonl(path) if path.is_file() else []:
-        value = arith_game.difficulty(episode["query"])
-        if value is not None:
-            digits.setdefault(episode["step"], []).append(value)
-    return {step: statistics.fmean(values) for step, values in digits.items()}
 
 
 def moving_average(values, window):
@@ -385,10 +386,8 @@ def plot(args):
     rows = read_jsonl(path)  # a line cut by a kill is skipped
     if not rows:
         sys.exit(f"error: {path} holds no steps")
-    digits = problem_digits_by_step(args.run_dir)
-    rows = [{**row, "problem_digits": digits.get(row["step"])} for row in rows]
     window = max(1, min(50, len(rows) // 10))
-    figure, axes = plt.subplots(2, 4, figsize=(20, 8), sharex=True, constrained_layout=True)
+    figure, axes = plt.subplots(3, 3, figsize=(16, 11), sharex=True, constrained_layout=True)
     for ax, (title, names) in zip(axes.flat, PANELS):
         for color, name in zip(("C0", "C1", "C2"), names):
             # a step without the metric (null in LSP-Zero, NaN, no valid query) is left out
@@ -403,7 +402,7 @@ def plot(args):
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
-        else:  # e.g. the self-reward of an LSP-Zero run, the digits of a run that is not the game
+        else:  # e.g. the self-reward of an LSP-Zero run, the difficulty of a run with no game
             ax.text(0.5, 0.5, "not logged in this run", ha="center", va="center",
                     transform=ax.transAxes)
             ax.set_yticks([])
@@ -427,7 +426,8 @@ def main(argv=None):
     if args.command == "plot":
         return plot(args)
     for name in ("max_new_tokens", "max_judge_tokens", "batch_size", "per_level"):
-        if getattr(args, name, 1) < 1:  # each command has some of these
+        value = getattr(args, name, None)  # each command has some of these
+        if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     return score(args) if args.command == "score" else evaluate(args)
 

@@ -32,17 +32,18 @@ Deviations from the paper, and choices where it is silent (docs/method.md says w
        CPU with bf16 units, bf16 autocast over float32 weights (--cpu-bf16).
     8. --challenger-reward uncertain: pays -2|V - 1/2| (R-Zero) instead of -V, which with 0/1
        rewards drives the Challenger to problems that no answer solves.
+    9. --challenger-reward edge: for verifiable games, pays 1 - V for a problem solved by some
+       answers but not all (Absolute Zero), less a penalty, not centred, for repeats within the
+       step and of the last --repeat-window steps' problems.
 
 Run:
+    python lsp.py --game arith_game.py --out runs/game   # SmolLM2 learns arithmetic on a CPU
     python lsp.py --steps 1500 --out runs/llama3b   # Llama-3.2-3B on a GPU (24 GB: see README)
     python lsp.py --resume runs/llama3b             # after Ctrl-C or a crash
-    python lsp.py --model smollm2 --reward-model self --steps 3 --num-queries 4 \\
-        --num-generations 2 --max-query-tokens 96 --max-completion-length 64 \\
-        --max-judge-tokens 64 --out runs/demo         # a CPU demo, offline
-The README's first run trains SmolLM2 on a verifiable arithmetic game on a CPU.
 """
 
 import argparse
+import collections
 import copy
 import functools
 import math
@@ -59,12 +60,13 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
 
 from judge_prompts import CHALLENGER_PROMPT, QUALITY_PROMPT, REWARD_PROMPT
 from run_machinery import (REWARD_FUNCTION, call_reward_function, chat_ids, chat_prompt,
-                           check_ranges, check_run_dir, checkpoints, cpu_has_bf16, default_device,
-                           episode_records, exit_if_too_big, exit_unloadable, json_line,
-                           load_reward_function, load_training_state, make_optimizer,
-                           model_name_problem, open_logs, parse_with_resume, prepare_run_dir,
-                           read_instructions, read_trainer_state, resolve_model, save_checkpoint,
-                           show_example, SkippedUpdates, step_metrics, StopRequest, training_state)
+                           check_ranges, check_run_dir, checkpoints, cpu_has_bf16,
+                           curriculum_metrics, default_device, episode_records, exit_if_too_big,
+                           exit_unloadable, game_options, load_game, load_reward_function,
+                           load_training_state, log_step, make_optimizer, model_name_problem,
+                           open_logs, parse_with_resume, problem_key, read_instructions,
+                           resolve_model, resume, save_checkpoint, show_example, SkippedUpdates,
+                           step_metrics, StopRequest, training_state)
 
 
 # --- Options ---------------------------------------------------------------------------------
@@ -86,14 +88,17 @@ def parse_args(argv=None):
     arg("--no-self-reward", action="store_true", help="no quality self-reward R_Q: LSP-Zero")
     arg("--load-in-4bit", action="store_true", help="frozen models in NF4 (CUDA)")
     arg("--offload-frozen", action="store_true", help="frozen models on the CPU between uses")
+    arg("--game", help="a game file: its reward, task, template and options (arith_game.py)")
     # the Challenger
     arg("--task", default="", help="task name in the Challenger prompt (empty: free-form)")
     arg("--template", default="", help="query template in the Challenger prompt")
     arg("--fill-template", action="store_true",
         help="the Challenger writes only the template's {placeholder}")
     arg("--queries", help="a file of queries to answer instead of the Challenger's (data)")
-    arg("--challenger-reward", choices=["paper", "uncertain"], default="paper",
-        help="paper: -V; uncertain: -2|V - 1/2|")
+    arg("--challenger-reward", choices=["paper", "uncertain", "edge"], default="paper",
+        help="paper: -V; uncertain: -2|V - 1/2|; edge: 1 - V if 0 < V < 1, less repeats")
+    arg("--repeat-window", type=int, default=10, help="edge: steps a problem counts as recent")
+    arg("--repeat-penalty", type=float, default=0.5, help="edge: the cost of a repeat")
     # sampling
     arg("--num-queries", type=int, default=8, help="N: queries per iteration")
     arg("--num-generations", type=int, default=4, help="G: answers per query")
@@ -118,18 +123,25 @@ def parse_args(argv=None):
     arg("--out", default="runs/lsp", help="run directory; a run there is resumed")
     arg("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
     arg("--log-every", type=int, default=10, help="print an example every this many steps")
+    arg("--eval-every", type=int, default=0, help="score the game's dev sample every K steps")
     arg("--save-every", type=int, default=100, help="checkpoint every this many steps")
     arg("--keep", type=int, default=3, help="keep the newest this many checkpoints")
     arg("--seed", type=int, default=0, help="seeds torch and the sampler")
+    game = parser.parse_args(argv).game
+    if game:  # the game's settings become the defaults; options given here override them
+        parser.set_defaults(**game_options(parser, game))
     args = parse_with_resume(parser, argv)
 
     # a group of one would make every group-relative advantage zero
     counts = ["max_query_tokens", "max_completion_length", "max_judge_tokens", "steps",
-              "micro_batch_size", "log_every", "save_every", "keep"]
-    at_least = {"num_queries": 2, "num_generations": 2, **dict.fromkeys(counts, 1)}
+              "micro_batch_size", "log_every", "save_every", "keep", "repeat_window"]
+    at_least = {"num_queries": 2, "num_generations": 2, "eval_every": 0,
+                **dict.fromkeys(counts, 1)}
     check_ranges(parser, args, at_least, ["learning_rate", "max_grad_norm", "temperature"])
-    if args.beta < 0 or args.alpha_ch < 0:
-        parser.error("--beta and --alpha-ch must be >= 0")
+    if min(args.beta, args.alpha_ch, args.repeat_penalty) < 0:
+        parser.error("--beta, --alpha-ch and --repeat-penalty must be >= 0")
+    if args.eval_every and not (args.game and hasattr(load_game(args.game), "dev_set")):
+        parser.error("--eval-every needs a --game whose file has a dev_set() of problems")
     if not 0 < args.top_p <= 1:
         parser.error("--top-p must be in (0, 1]")
     if args.fill_template and len(PLACEHOLDER.findall(args.template)) != 1:
@@ -441,7 +453,17 @@ def reward_model_scores(reward_model, reward_tokenizer, queries, answers, date=N
 INVALID_QUERY_PENALTY = 1.0  # how far, in reward units, an invalid query lies below the rest
 
 
-def lsp_advantages(rewards, quality=None, valid=None, uncertain=False):
+def challenger_values(values, challenger_reward):
+    """What the Challenger is paid for a query's value V(q_i) [N], the Solver's mean reward."""
+    if challenger_reward == "uncertain":  # deviation 8
+        return -2 * (values - 0.5).abs()
+    if challenger_reward == "edge":  # deviation 9: solved by some answers, the fewer the better
+        return torch.where((values > 0) & (values < 1), 1 - values, 0.0)
+    return -values  # the paper's -V
+
+
+def lsp_advantages(rewards, quality=None, valid=None, challenger_reward="paper", repeats=None,
+                   repeat_penalty=0.0):
     """Group-relative advantages of LSP, or of LSP-Zero when quality is None (Eq. advantages).
 
     rewards, quality: [N, G], R and R_Q of answer j to query i. valid: bool [N], the answered
@@ -451,8 +473,9 @@ def lsp_advantages(rewards, quality=None, valid=None, uncertain=False):
         A_Sol  = (R + R_Q) - mean_j (R + R_Q)                  (LSP-Zero: R - V(q_i))
         A_Ch   = c_i - mean_i c_i,  c_i = -V(q_i) + V_Q(q_i)   (LSP-Zero: mean_i V - V(q_i))
     The mean over i runs over valid queries. An invalid query gets A_Sol = 0 and
-    A_Ch = min(0, lowest valid A_Ch) - INVALID_QUERY_PENALTY (deviation 2). With `uncertain`
-    (deviation 8) -V(q_i) becomes -2|V(q_i) - 1/2|.
+    A_Ch = min(0, lowest valid A_Ch) - INVALID_QUERY_PENALTY (deviation 2). `challenger_reward`
+    replaces -V(q_i) (`challenger_values`). repeats [N] (deviation 9) lowers each valid A_Ch by
+    repeat_penalty * repeats after centring, so that a step of repeats still pushes them down.
     Returns solver_advantages [N, G] and challenger_advantages [N].
 
     >>> valid = torch.tensor([True, True, False])
@@ -463,8 +486,7 @@ def lsp_advantages(rewards, quality=None, valid=None, uncertain=False):
     """
     if valid is None:
         valid = torch.ones(len(rewards), dtype=torch.bool)
-    values = rewards.mean(dim=1)  # [N]
-    hardness = -2 * (values - 0.5).abs() if uncertain else -values  # [N]
+    hardness = challenger_values(rewards.mean(dim=1), challenger_reward)  # [N]
     if quality is None:
         solver_rewards, challenger_rewards = rewards, hardness  # [N, G], [N]
     else:
@@ -472,10 +494,28 @@ def lsp_advantages(rewards, quality=None, valid=None, uncertain=False):
         challenger_rewards = hardness + quality.mean(dim=1)  # [N]
     solver_advantages = solver_rewards - solver_rewards.mean(dim=1, keepdim=True)  # [N, G]
     challenger_advantages = challenger_rewards - challenger_rewards[valid].mean()  # [N]
+    if repeats is not None:
+        challenger_advantages = challenger_advantages - repeat_penalty * repeats  # [N]
     lowest = challenger_advantages[valid].min().item() if valid.any() else 0.0
     invalid_advantage = min(0.0, lowest) - INVALID_QUERY_PENALTY
     return (torch.where(valid[:, None], solver_advantages, 0.0),
             torch.where(valid, challenger_advantages, invalid_advantage))
+
+
+def repeat_counts(keys, recent):
+    """How much each valid query repeats (deviation 9), [N]: the share of the step's other valid
+    queries that state the same problem, plus 1 if a recent step's valid queries stated it.
+
+    keys: the problem each query states, None for an invalid one. recent: the problems of the
+    last --repeat-window steps.
+    >>> repeat_counts(["6+9", "6+9", "2*3", None], recent={"2*3"})
+    tensor([0.5000, 0.5000, 1.0000, 0.0000])
+    """
+    stated = [key for key in keys if key is not None]
+    others = max(1, len(stated) - 1)
+    counts = [0.0 if key is None else (stated.count(key) - 1) / others + (key in recent)
+              for key in keys]
+    return torch.tensor(counts)  # [N]
 
 
 # --- Loss and update (Algorithm 1, step 5) ---------------------------------------------------
@@ -541,6 +581,9 @@ def by_query(values, valid, group):
     return table
 
 
+EVAL_PROBLEMS = 40  # --eval-every's sample of the dev set: a few seconds on a CPU
+
+
 class SelfPlay:
     """Holds the models and runs one LSP iteration at a time (`step`)."""
 
@@ -558,6 +601,9 @@ class SelfPlay:
         cpu_bf16 = args.cpu_bf16 == "on" or (args.cpu_bf16 == "auto" and cpu_has_bf16())
         self.cpu_bf16 = on_cpu and cpu_bf16  # deviation 7
         self.optimizer = make_optimizer(policy.parameters(), args.learning_rate, policy.device)
+        self.game = load_game(args.game) if args.game else None
+        # the problems the Challenger stated in each of the last --repeat-window steps
+        self.recent = collections.deque(maxlen=args.repeat_window)
         self.fast_sampler = args.fast_sampler == "on" or (
             args.fast_sampler == "auto" and policy.device.type == "cuda")
         # the paper leaves task and template empty ("None") for general instructions
@@ -577,10 +623,25 @@ class SelfPlay:
             self.place(frozen, False, {})
 
     def state_dict(self):
-        return training_state(self.optimizer, self.generator)
+        return {**training_state(self.optimizer, self.generator), "recent": list(self.recent)}
 
     def load_state_dict(self, state):
         load_training_state(state, self.optimizer, self.generator)
+        self.recent.extend(state.get("recent", []))
+
+    @torch.no_grad()
+    def dev_accuracy(self):
+        """The greedy Solver's mean reward on a fixed sample of the game's dev set: a live
+        learning curve for --eval-every, scored as `eval.py score` scores a checkpoint."""
+        problems = self.game.dev_set()
+        problems = problems[::max(1, len(problems) // EVAL_PROBLEMS)][:EVAL_PROBLEMS]
+        queries = [problem["query"] for problem in problems]
+        prompts = [self.user_turn(query) for query in queries]
+        answer_ids, answer_mask = sample(self.policy, prompts, self.args.max_completion_length,
+                                         self.stop_ids, temperature=0)
+        answers = self.tokenizer.batch_decode(unpad(answer_ids, answer_mask),
+                                              skip_special_tokens=True)
+        return call_reward_function(self.reward_function, queries, answers).mean().item()
 
     def user_turn(self, text):
         return chat_prompt(self.tokenizer, text, self.args.chat_date)
@@ -706,9 +767,15 @@ class SelfPlay:
         quality = None if args.no_self_reward else by_query(quality, valid, group)  # [N, G]
 
         # 4. Group-relative advantages (deviation 2 for invalid queries).
-        uncertain = args.challenger_reward == "uncertain"
+        #    With the edge reward, repeated problems cost the Challenger (deviation 9).
+        keys = [problem_key(self.game, q) if ok else None for q, ok in zip(queries, valid)]
+        recent = set().union(*self.recent)  # the problems of the last --repeat-window steps
+        repeats = repeat_counts(keys, recent) if args.challenger_reward == "edge" else None
         solver_advantages, challenger_advantages = lsp_advantages(
-            rewards, quality, valid, uncertain)  # [N, G], [N]
+            rewards, quality, valid, args.challenger_reward, repeats,
+            args.repeat_penalty)  # [N, G], [N]
+        if query_tokens:  # the Challenger's problems, not a data set's
+            self.recent.append([key for key in keys if key is not None])
 
         # 5. One gradient step for both roles. Answers go first, so that a micro-batch mostly
         #    shares one prompt (`prefill`).
@@ -732,6 +799,7 @@ class SelfPlay:
                    "update_skipped": float(not math.isfinite(loss + grad_norm))}
         metrics.update(step_metrics(statuses, *answered_rows, challenger_advantages,
                                     seq_kl / lengths, lengths, written, clipped, judged))
+        metrics.update(curriculum_metrics(keys, recent, queries, rewards, self.game))
         metrics.update(times)
         episodes = episode_records(queries, statuses, answers, *answered_rows,
                                    challenger_advantages, judged)
@@ -749,12 +817,12 @@ def train(args, selfplay, start_step=0):
         for step in bar:
             started = time.perf_counter()
             metrics, episodes = selfplay.step()
+            if args.eval_every and (step % args.eval_every == 0 or step == 1):
+                evaluated = time.perf_counter()
+                metrics["dev_accuracy"] = selfplay.dev_accuracy()
+                metrics["time/eval"] = time.perf_counter() - evaluated
             metrics["time/step"] = time.perf_counter() - started
-            metrics_file.write(json_line({"step": step, **metrics}))
-            episodes_file.write("".join(json_line({"step": step, **e}) for e in episodes))
-            shown = {name: f"{metrics[name]:.4g}" for name in ("reward", "self_reward", "kl")
-                     if metrics.get(name) is not None}
-            bar.set_postfix(shown)
+            log_step(step, metrics, episodes, metrics_file, episodes_file, bar)
             if step == 1:  # nonzero only if the reference is not the starting model (NF4)
                 tqdm.write(f"step 1: KL to the reference {metrics['kl']:.3g} nats per token "
                            "(0 when the reference is exactly the starting model; with "
@@ -800,14 +868,7 @@ def start(args):
         freeze(reward_model)
     selfplay = SelfPlay(args, policy, tokenizer, reference, reward_model, reward_tokenizer,
                         reward_function)
-    start_step = 0
-    if saved:
-        state = read_trainer_state(saved[-1], device)
-        selfplay.load_state_dict(state)
-        start_step = state["step"]
-        tqdm.write(f"resuming {args.out} from {saved[-1].name}")
-    prepare_run_dir(args, start_step if saved else -1)
-    return selfplay, start_step
+    return selfplay, resume(selfplay, args, device)
 
 
 def main(argv=None):

@@ -14,6 +14,7 @@ It holds no part of the algorithm. lsp.py imports this module, never the reverse
 """
 
 import contextlib
+import functools
 import importlib.util
 import json
 import math
@@ -24,6 +25,7 @@ import shutil
 import signal
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -137,6 +139,45 @@ def exit_unloadable(name, error):
              "and `hf auth login`.\n"
              "  Without network access set HF_HUB_OFFLINE=1 and pass a local directory, "
              "or run the offline demo with --model smollm2 --reward-model self.")
+
+
+GAME_NEEDS = ("TASK", "TEMPLATE", "reward")
+
+
+@functools.cache
+def load_game(path):
+    """A game file's names (--game FILE): TASK, TEMPLATE and reward(queries, answers) at least;
+    optionally TRAINER_OPTIONS, dev_set(), heldout_set(), difficulty(query), canonical(query)."""
+    try:
+        names = runpy.run_path(path)
+    except Exception as error:  # any error of the user's file: say where it came from
+        sys.exit(f"error: --game {path}: importing it failed: {type(error).__name__}: {error}")
+    missing = [name for name in GAME_NEEDS if name not in names]
+    if missing:
+        sys.exit(f"error: --game {path} defines no {', '.join(missing)}: a game file gives its "
+                 "TASK, its TEMPLATE and a reward(queries, answers) function")
+    return types.SimpleNamespace(**names)
+
+
+def game_options(parser, path):
+    """The options of lsp.py that a game file sets: its reward, task and template, and its
+    TRAINER_OPTIONS."""
+    game = load_game(path)
+    options = {"reward_model": f"{path}:reward", "no_self_reward": True, "task": game.TASK,
+               "template": game.TEMPLATE, "fill_template": True}
+    options.update(getattr(game, "TRAINER_OPTIONS", {}))
+    unknown = sorted(set(options) - set(vars(parser.parse_args([]))))
+    if unknown:
+        parser.error(f"--game {path}: TRAINER_OPTIONS names no option of lsp.py: {unknown}")
+    return options
+
+
+def problem_key(game, query):
+    """The problem a query states, to count repeats: the game's canonical form if it has one,
+    else the query's text with its case and spacing normalized."""
+    canonical = getattr(game, "canonical", None)
+    key = canonical(query) if canonical else None
+    return key if key is not None else " ".join(query.lower().split())
 
 
 def read_instructions(path):
@@ -431,6 +472,28 @@ def show_example(step, episodes):
                f"    reward {episode['rewards'][0]:.3f} | self-reward {self_reward}")
 
 
+def curriculum_metrics(keys, recent, queries, rewards, game=None):
+    """How the Challenger's problems move, for metrics.jsonl: among the valid queries, the share
+    of distinct problems, the share that repeat one of the recent steps' problems, and with a
+    game the share at the Solver's edge (solved by some answers, not all) and the mean
+    difficulty. keys: the problem of each query, None if invalid; rewards: [N, G]."""
+    stated = [key for key in keys if key is not None]
+    if not stated:
+        return {}
+    metrics = {"query_distinct_rate": len(set(stated)) / len(stated),
+               "query_repeat_rate": sum(key in recent for key in stated) / len(stated)}
+    if game is None:
+        return metrics
+    values = rewards[[key is not None for key in keys]].mean(dim=1)  # [Nv]
+    metrics["query_edge_rate"] = ((values > 0) & (values < 1)).float().mean().item()
+    difficulty = getattr(game, "difficulty", None)
+    levels = [difficulty(query) for query, key in zip(queries, keys) if key is not None]
+    levels = [level for level in levels if level is not None] if difficulty else []
+    if levels:
+        metrics["query_difficulty"] = sum(levels) / len(levels)
+    return metrics
+
+
 def read_jsonl(path):
     """The records of a JSONL file; a line cut short by a kill (only the last one) is skipped."""
     records = []
@@ -452,6 +515,18 @@ def restore_log(path, last_step):
     if path.exists():
         kept = [record for record in read_jsonl(path) if record["step"] <= last_step]
         write_atomically(path, "".join(map(json_line, kept)))
+
+
+SHOWN = ("reward", "self_reward", "kl", "dev_accuracy")  # on the progress bar
+
+
+def log_step(step, metrics, episodes, metrics_file, episodes_file, bar):
+    """Write a step's line to metrics.jsonl and its queries to episodes.jsonl; show a few
+    numbers on the progress bar."""
+    metrics_file.write(json_line({"step": step, **metrics}))
+    episodes_file.write("".join(json_line({"step": step, **episode}) for episode in episodes))
+    bar.set_postfix({name: f"{metrics[name]:.4g}" for name in SHOWN
+                     if metrics.get(name) is not None})
 
 
 @contextlib.contextmanager
@@ -518,6 +593,20 @@ def read_trainer_state(checkpoint, device):
         trained_on = "GPU" if state["cuda_rng"] else "CPU"
         sys.exit(f"error: {checkpoint.parent} was trained on a {trained_on}: resume it on one")
     return state
+
+
+def resume(trainer, args, device):
+    """Continue from the newest checkpoint in --out, if any, and prepare the run directory.
+    Returns the last step done: 0 for a new run."""
+    saved = checkpoints(args.out)
+    if not saved:
+        prepare_run_dir(args, -1)  # no checkpoint: no line of the logs counts
+        return 0
+    state = read_trainer_state(saved[-1], device)
+    trainer.load_state_dict(state)
+    tqdm.write(f"resuming {args.out} from {saved[-1].name}")
+    prepare_run_dir(args, state["step"])
+    return state["step"]
 
 
 def prepare_run_dir(args, last_step):

@@ -51,11 +51,10 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
 import lsp
-from run_machinery import (StopRequest, chat_prompt, check_ranges,
-                           check_run_dir, checkpoints, default_device, json_line,
-                           load_training_state, make_optimizer, model_name_problem, open_logs,
-                           parse_with_resume, prepare_run_dir, read_trainer_state,
-                           save_checkpoint, training_state)
+from run_machinery import (chat_prompt, check_ranges, check_run_dir, checkpoints, default_device,
+                           json_line, load_training_state, make_optimizer, model_name_problem,
+                           open_logs, parse_with_resume, resume, save_checkpoint, StopRequest,
+                           training_state)
 
 
 # --- Options ---------------------------------------------------------------------------------
@@ -370,14 +369,7 @@ def start(args):
     model_path = str(saved[-1]) if saved else args.model
     tokenizer, policy = lsp.load_model(model_path, AutoModelForCausalLM, device)
     trainer = SelfPlayFineTuning(args, policy, tokenizer)
-    start_step = 0
-    if saved:
-        state = read_trainer_state(saved[-1], device)
-        trainer.load_state_dict(state)
-        start_step = state["step"]
-        tqdm.write(f"resuming {args.out} from {saved[-1].name}")
-    prepare_run_dir(args, start_step if saved else -1)  # no checkpoint: no log line counts
-    return trainer, start_step
+    return trainer, resume(trainer, args, device)
 
 
 def main(argv=None):

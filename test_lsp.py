@@ -78,10 +78,33 @@ def test_lsp_advantages_add_quality_to_both_players():
 
 def test_the_uncertain_challenger_reward_pays_most_for_problems_solved_half_the_time():
     rewards = torch.tensor([[1., 1.], [0., 1.], [0., 0.]])  # V = 1, 1/2, 0
-    solver, challenger = lsp.lsp_advantages(rewards, uncertain=True)
+    solver, challenger = lsp.lsp_advantages(rewards, challenger_reward="uncertain")
     assert torch.allclose(challenger, torch.tensor([-1 / 3, 2 / 3, -1 / 3]))  # c = -1, 0, -1 around their mean
     assert torch.equal(solver, lsp.lsp_advantages(rewards)[0])  # the Solver's are the paper's
     assert lsp.lsp_advantages(rewards)[1].argmax() == 2  # the paper's pays most for the unsolved one
+
+
+def test_the_edge_reward_pays_for_problems_some_answers_solve_the_fewer_the_better():
+    rewards = torch.tensor([[1., 1., 1., 1.], [1., 0., 0., 0.], [0., 0., 0., 0.], [1., 1., 0., 0.]])
+    solver, challenger = lsp.lsp_advantages(rewards, challenger_reward="edge")
+    # V = 1, 1/4, 0, 1/2: paid 0, 3/4, 0, 1/2 (Absolute Zero's 1 - V inside (0, 1)), mean 5/16
+    assert torch.allclose(challenger, torch.tensor([-5 / 16, 7 / 16, -5 / 16, 3 / 16]))
+    assert torch.equal(solver, lsp.lsp_advantages(rewards)[0])  # the Solver's are the paper's
+    # repeats cost repeat_penalty each, after centring; an invalid query stays below them all
+    repeats = torch.tensor([0., 0., 0., 1.5])
+    valid = torch.tensor([True, True, True, True])
+    penalized = lsp.lsp_advantages(rewards, None, valid, "edge", repeats, repeat_penalty=0.5)[1]
+    assert torch.allclose(penalized, torch.tensor([-5 / 16, 7 / 16, -5 / 16, 3 / 16 - 0.75]))
+    valid[0] = False
+    with_invalid = lsp.lsp_advantages(rewards, None, valid, "edge", repeats, 0.5)[1]
+    assert with_invalid[0] < with_invalid[1:].min() and with_invalid[0] < 0
+
+
+def test_repeats_count_copies_within_the_step_and_problems_of_recent_steps():
+    assert lsp.repeat_counts(["a", "b", "c", "d"], recent=set()).tolist() == [0, 0, 0, 0]
+    counts = lsp.repeat_counts(["a", "a", "a", "b"], recent={"b", "z"})
+    assert torch.allclose(counts, torch.tensor([2 / 3, 2 / 3, 2 / 3, 1.0]))
+    assert lsp.repeat_counts([None, "a", None, "a"], recent=set()).tolist() == [0, 1, 0, 1]
 
 
 def test_equal_rewards_give_zero_advantages():
@@ -982,7 +1005,7 @@ def test_out_of_memory_stops_with_the_options_that_save_memory(tmp_path, tiny_mo
     (["--num-generations", "1"], "at least 2"),
     (["--num-queries", "1"], "at least 2"),
     (["--steps", "0"], "--steps must be at least 1"),
-    (["--beta", "-0.1"], "--beta and --alpha-ch must be >= 0"),
+    (["--beta", "-0.1"], "--beta, --alpha-ch and --repeat-penalty must be >= 0"),
     (["--top-p", "0"], "--top-p must be in (0, 1]"),
     (["--temperature", "0"], "must be > 0"),
     (["--load-in-4bit"], "needs a CUDA GPU"),
@@ -1165,15 +1188,134 @@ def test_a_query_file_that_cannot_serve_is_refused_with_the_options(tmp_path):
 
 
 def test_script_plays_two_steps_of_the_game_on_a_tiny_model(tmp_path, tiny_model_dir):
-    import arith_game
     out = tmp_path / "run"
-    result = subprocess.run(tiny_run(tiny_model_dir, out, "--reward-model", f"{HERE / 'arith_game.py'}:reward",
-                                     "--no-self-reward", "--task", arith_game.TASK, "--template", arith_game.TEMPLATE,
-                                     "--fill-template", "--steps", "2"),
-                            env=OFFLINE, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, str(HERE / "lsp.py"), "--game", str(HERE / "arith_game.py"),
+               "--model", str(tiny_model_dir), "--num-queries", "3", "--num-generations", "2",
+               "--max-query-tokens", "12", "--max-completion-length", "8", "--steps", "2",
+               "--eval-every", "2", "--out", str(out)]
+    result = subprocess.run(command, env=OFFLINE, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = read_jsonl(out / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2] and all("query_unscorable_rate" in m for m in metrics)
+    assert all(0 <= m["dev_accuracy"] <= 1 and m["time/eval"] > 0 for m in metrics)  # steps 1 and 2
     assert run_machinery.checkpoints(out)[-1].name == "checkpoint-000002"
     queries = [e["query"] for e in read_jsonl(out / "episodes.jsonl") if e["query_status"] != "truncated"]
     assert all(q.startswith("What is ") and q.endswith("? Answer with the number only.") for q in queries)
+    assert json.loads((out / "config.json").read_text())["challenger_reward"] == "edge"
+
+
+# --- a game file, the edge reward and the curriculum -------------------------------------------
+
+GAME = str(HERE / "arith_game.py")
+
+
+def test_a_game_file_sets_the_trainer_options_and_the_command_line_overrides_them(tmp_path):
+    import arith_game
+    args = lsp.parse_args(["--game", GAME, "--out", str(tmp_path / "run")])
+    assert args.reward_model == f"{GAME}:reward" and args.no_self_reward and args.fill_template
+    assert (args.task, args.template) == (arith_game.TASK, arith_game.TEMPLATE)
+    assert all(getattr(args, name) == value for name, value in arith_game.TRAINER_OPTIONS.items())
+    args = lsp.parse_args(["--game", GAME, "--steps", "3", "--challenger-reward", "paper",
+                           "--out", str(tmp_path / "other")])
+    assert (args.steps, args.challenger_reward, args.model) == (3, "paper", "smollm2")
+
+
+def test_a_resumed_game_run_keeps_its_options(tmp_path):
+    out = str(tmp_path / "run")
+    args = lsp.parse_args(["--game", GAME, "--steps", "7", "--out", out])
+    run_machinery.prepare_run_dir(args, -1)
+    resumed = lsp.parse_args(["--resume", out])
+    assert vars(resumed) == {**vars(args), "resume": out}
+
+
+@pytest.mark.parametrize("body, message", [
+    ("TASK = 'x'\nTEMPLATE = '{x}'\n", "defines no reward"),
+    ("def reward(:\n", "importing it failed: SyntaxError"),
+    ("TASK, TEMPLATE = 'x', '{x}'\ndef reward(q, a):\n    return []\nTRAINER_OPTIONS = {'stepz': 3}\n",
+     "TRAINER_OPTIONS names no option of lsp.py: ['stepz']"),
+])
+def test_a_broken_game_file_stops_before_any_model_loads(tmp_path, capsys, body, message):
+    game = tmp_path / "game.py"
+    game.write_text(body)
+    with pytest.raises(SystemExit) as exit_info:
+        lsp.parse_args(["--game", str(game), "--model", "smollm2", "--out", str(tmp_path / "run")])
+    assert message in str(exit_info.value.code) + capsys.readouterr().err
+
+
+def test_eval_every_needs_a_game_with_a_dev_set(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        lsp.parse_args(["--model", "smollm2", "--reward-model", "self", "--eval-every", "5",
+                        "--out", str(tmp_path / "run")])
+    assert "--eval-every needs a --game" in capsys.readouterr().err
+
+
+ALIKE = ["6 + 9"] * 3  # what the Challenger writes into the template: "What is 6 + 9? ..."
+
+
+def test_a_step_whose_queries_are_all_alike_still_pushes_them_down(tmp_path, smol_tokenizer):
+    import arith_game
+    answers = ["15", "14"] * 3  # V = 1/2 for every query: the same edge reward for all three
+    selfplay = scripted_selfplay(tmp_path, smol_tokenizer, [ALIKE, answers, ALIKE, answers],
+                                 "--game", GAME, "--challenger-reward", "edge",
+                                 reward_function=arith_game.reward)
+    metrics, episodes = selfplay.step()
+    # centred, the edge rewards are all 0; each query repeats both others (a share of 1): -0.5
+    assert [e["challenger_advantage"] for e in episodes] == [-0.5] * 3
+    assert metrics["query_distinct_rate"] == pytest.approx(1 / 3)
+    assert metrics["query_repeat_rate"] == 0 and metrics["query_edge_rate"] == 1
+    assert metrics["query_difficulty"] == 2  # 6 + 9: two operand digits
+    assert list(selfplay.recent) == [["6+9"] * 3]
+    metrics, episodes = selfplay.step()  # the same problem again: now also a recent one
+    assert [e["challenger_advantage"] for e in episodes] == [-1.0] * 3
+    assert metrics["query_repeat_rate"] == 1
+    # without the penalty the step would teach the Challenger nothing
+    rewards = torch.tensor([[1., 0.]] * 3)
+    assert not lsp.lsp_advantages(rewards, challenger_reward="edge")[1].any()
+
+
+def test_the_repeat_window_holds_the_last_steps_and_survives_a_checkpoint(tmp_path, smol_tokenizer):
+    import arith_game
+    steps = [[f"{n} + 1"] * 3 for n in range(4)]
+    calls = [texts for queries in steps for texts in (queries, ["1", "2"] * 3)]
+    selfplay = scripted_selfplay(tmp_path, smol_tokenizer, calls, "--game", GAME,
+                                 "--repeat-window", "2", reward_function=arith_game.reward)
+    for _ in steps:
+        selfplay.step()
+    assert list(selfplay.recent) == [["2+1"] * 3, ["3+1"] * 3]  # the last two steps only
+    state = selfplay.state_dict()
+    fresh = tiny_selfplay(tmp_path, smol_tokenizer, "--game", GAME, "--repeat-window", "2")
+    fresh.load_state_dict(state)
+    assert list(fresh.recent) == list(selfplay.recent)
+
+
+def test_curriculum_metrics_on_worked_numbers():
+    import arith_game
+    game = run_machinery.load_game(GAME)
+    queries = ["What is 2 + 3?", "What is 2 + 3?", "What is 12 * 34?", "Write a poem."]
+    keys = ["2+3", "2+3", "12*34", None]
+    rewards = torch.tensor([[1., 1.], [1., 1.], [0., 1.], [float("nan")] * 2])
+    metrics = run_machinery.curriculum_metrics(keys, {"12*34"}, queries, rewards, game)
+    assert metrics == pytest.approx({"query_distinct_rate": 2 / 3, "query_repeat_rate": 1 / 3,
+                                     "query_edge_rate": 1 / 3, "query_difficulty": (2 + 2 + 4) / 3})
+    assert arith_game.difficulty(queries[2]) == 4
+    plain = run_machinery.curriculum_metrics(keys, set(), queries, rewards)  # no game
+    assert plain == {"query_distinct_rate": 2 / 3, "query_repeat_rate": 0.0}
+    assert run_machinery.curriculum_metrics([None], set(), ["x"], rewards[3:]) == {}
+
+
+def test_dev_accuracy_is_the_greedy_solvers_mean_reward_on_a_fixed_dev_sample(tmp_path, smol_tokenizer,
+                                                                              monkeypatch):
+    import arith_game
+    selfplay = tiny_selfplay(tmp_path, smol_tokenizer, "--game", GAME)
+    selfplay.reward_function = arith_game.reward
+    asked = []
+
+    def right_half(model, prompts, max_new_tokens, stop_ids, temperature=1.0, **kwargs):
+        assert temperature == 0  # greedy
+        asked.extend(prompts)
+        problems = arith_game.dev_set()[::2]
+        texts = [str(p["answer"] + (i % 2)) for i, p in enumerate(problems)]  # every other one right
+        ids = [smol_tokenizer.encode(text) + [smol_tokenizer.eos_token_id] for text in texts]
+        return lsp.pad(ids, "right", model.device)
+    monkeypatch.setattr(lsp, "sample", right_half)
+    assert selfplay.dev_accuracy() == 0.5 and len(asked) == lsp.EVAL_PROBLEMS == 40
