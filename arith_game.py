@@ -148,7 +148,8 @@ def evaluate(expression):
 
 
 def parse_problem(query):
-    """The expression of a query that follows TEMPLATE and is valid, else None."""
+    """The expression of a query that follows TEMPLATE and is valid, else None. It must hold an
+    operation: "What is 19?" states its own answer, a problem any Solver solves by copying."""
     if not isinstance(query, str):
         return None
     query = query.strip()
@@ -156,7 +157,9 @@ def parse_problem(query):
         return None
     match = QUERY.fullmatch(query)
     expression = match.group(1).strip() if match else None
-    return expression if evaluate(expression) is not None else None
+    if evaluate(expression) is None or not any(op in tokenize(expression) for op in "+-*"):
+        return None
+    return expression
 
 
 def true_answer(query):

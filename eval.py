@@ -7,6 +7,8 @@ Evaluation and plots for Language Self-Play: did the self-play make the model be
     score  accuracy of a model on a game's held-out set (arith_game.heldout_set by default),
            per level, with 95% Wilson intervals: the exact, judge-free check of a game run.
     plot   the training curves of a run directory (RUN_DIR/metrics.jsonl -> RUN_DIR/curves.png).
+    curriculum  what a game run's Challenger wrote: distinct problems, the most frequent ones,
+           difficulty early and late, and the Solver's success on them.
 
 How `eval` scores, and the choices made:
     1. Both models answer every instruction greedily (temperature 0 with lsp.sample). The paper
@@ -50,6 +52,7 @@ import re
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -59,7 +62,7 @@ from transformers import AutoModelForCausalLM
 import lsp
 from judge_prompts import EVAL_INSTRUCTIONS, PAIRWISE_PROMPT
 from run_machinery import (call_reward_function, chat_prompt, default_device, load_game,
-                           read_instructions, read_jsonl)
+                           problem_key, read_instructions, read_jsonl)
 
 
 # --- Options ---------------------------------------------------------------------------------
@@ -89,6 +92,9 @@ def build_parser():
     arg("--max-new-tokens", type=int, default=32, help="longest answer")
     arg("--batch-size", type=int, default=16, help="prompts per batch when generating")
     arg("--out", default="heldout.jsonl", help="per-problem answers, a JSON line each")
+    curriculum = commands.add_parser("curriculum", help="sum up a game run's Challenger")
+    curriculum.add_argument("run_dir", help="run directory written by lsp.py --game")
+    curriculum.add_argument("--window", type=int, default=10, help="steps counted as early/late")
     plot = commands.add_parser("plot", help="plot RUN_DIR/metrics.jsonl")
     plot.add_argument("run_dir", help="run directory written by the trainer (--out)")
     plot.add_argument("--out", help="image file (default: RUN_DIR/curves.png)")
@@ -420,15 +426,49 @@ def plot(args):
     return out
 
 
+# --- The curriculum of a game run ------------------------------------------------------------
+
+def curriculum(args):
+    """Sum up what a run's Challenger wrote, from its episodes.jsonl and metrics.jsonl: the
+    share of distinct problems among the valid ones, the most frequent problems, the mean
+    difficulty of the first and last --window steps, and the steps whose success rate (mean R)
+    lay between 0.2 and 0.8. Returns the numbers as a dict."""
+    run_dir = Path(args.run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    game = load_game(config["game"]) if config.get("game") else None
+    valid = [e for e in read_jsonl(run_dir / "episodes.jsonl") if e["query_status"] == "ok"]
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    problems = Counter(problem_key(game, episode["query"]) for episode in valid)
+    difficulty = [m["query_difficulty"] for m in metrics if "query_difficulty" in m]
+    rewards = [m["reward"] for m in metrics if m.get("reward") is not None]
+    summary = {
+        "steps": len(metrics), "valid": len(valid), "distinct": len(problems),
+        "most_frequent": problems.most_common(5),
+        "difficulty_first": statistics.fmean(difficulty[:args.window] or [math.nan]),
+        "difficulty_last": statistics.fmean(difficulty[-args.window:] or [math.nan]),
+        "steps_at_the_edge": sum(0.2 <= reward <= 0.8 for reward in rewards),
+        "steps_answered": len(rewards)}
+    print(f"{run_dir}: {summary['steps']} steps, {summary['valid']} valid problems, "
+          f"{summary['distinct']} distinct ({summary['distinct'] / max(1, len(valid)):.0%})")
+    print("most frequent: " + ", ".join(f"{key} x{n}" for key, n in summary["most_frequent"]))
+    print(f"mean difficulty: first {args.window} steps {summary['difficulty_first']:.2f}, "
+          f"last {args.window} steps {summary['difficulty_last']:.2f}")
+    print(f"steps whose success rate was within 0.2-0.8: {summary['steps_at_the_edge']} of "
+          f"{summary['steps_answered']}")
+    return summary
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "plot":
         return plot(args)
-    for name in ("max_new_tokens", "max_judge_tokens", "batch_size", "per_level"):
+    for name in ("max_new_tokens", "max_judge_tokens", "batch_size", "per_level", "window"):
         value = getattr(args, name, None)  # each command has some of these
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.command == "curriculum":
+        return curriculum(args)
     return score(args) if args.command == "score" else evaluate(args)
 
 

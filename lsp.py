@@ -98,7 +98,7 @@ def parse_args(argv=None):
     arg("--challenger-reward", choices=["paper", "uncertain", "edge"], default="paper",
         help="paper: -V; uncertain: -2|V - 1/2|; edge: 1 - V if 0 < V < 1, less repeats")
     arg("--repeat-window", type=int, default=10, help="edge: steps a problem counts as recent")
-    arg("--repeat-penalty", type=float, default=0.5, help="edge: the cost of a repeat")
+    arg("--repeat-penalty", type=float, default=2.0, help="edge: the cost of a repeat")
     # sampling
     arg("--num-queries", type=int, default=8, help="N: queries per iteration")
     arg("--num-generations", type=int, default=4, help="G: answers per query")

@@ -434,3 +434,22 @@ def test_score_needs_a_game_with_a_heldout_set(tmp_path):
     game.write_text('TASK = "t"\nTEMPLATE = "{x}"\ndef reward(queries, answers):\n    return []\n')
     with pytest.raises(SystemExit, match="has no heldout_set"):
         evaluation.main(["score", "--model", "smollm2", "--game", str(game)])
+
+
+def test_curriculum_sums_up_what_a_game_runs_challenger_wrote(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"game": str(HERE / "arith_game.py")}))
+    queries = ["What is 6 + 9?", "What is 6+9?", "What is 12 + 34?", "Write a poem."]
+    episodes = [{"step": step, "query": query, "query_status": "ok" if "poem" not in query
+                 else "unscorable"} for step, query in zip([1, 1, 2, 2], queries)]
+    (run_dir / "episodes.jsonl").write_text("".join(json.dumps(e) + "\n" for e in episodes))
+    metrics = [{"step": 1, "reward": 0.9, "query_difficulty": 2.0},
+               {"step": 2, "reward": 0.5, "query_difficulty": 4.0}, {"step": 3}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    summary = evaluation.main(["curriculum", str(run_dir), "--window", "1"])
+    assert (summary["valid"], summary["distinct"]) == (3, 2)  # "6 + 9" and "6+9" are one
+    assert summary["most_frequent"] == [("6+9", 2), ("12+34", 1)]
+    assert (summary["difficulty_first"], summary["difficulty_last"]) == (2.0, 4.0)
+    assert (summary["steps_at_the_edge"], summary["steps_answered"]) == (1, 2)
+    assert "3 valid problems, 2 distinct (67%)" in capsys.readouterr().out

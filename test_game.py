@@ -136,6 +136,8 @@ def test_parse_problem(text, expression):
     query("12 + 7") + " 19",                                # the answer leaked into the query
     "What is 2 + 3? What is 4 + 5?",
     "What is 12 + 7",                                       # no question mark
+    query("19"),                                            # no operation: it is its answer
+    query("(19)"),
     "Tell me a joke.",
     None,
 ])

@@ -1259,14 +1259,15 @@ def test_a_step_whose_queries_are_all_alike_still_pushes_them_down(tmp_path, smo
                                  "--game", GAME, "--challenger-reward", "edge",
                                  reward_function=arith_game.reward)
     metrics, episodes = selfplay.step()
-    # centred, the edge rewards are all 0; each query repeats both others (a share of 1): -0.5
-    assert [e["challenger_advantage"] for e in episodes] == [-0.5] * 3
+    # centred, the edge rewards are all 0; each query repeats both others (a share of 1), and
+    # --repeat-penalty is 2 by default: -2
+    assert [e["challenger_advantage"] for e in episodes] == [-2.0] * 3
     assert metrics["query_distinct_rate"] == pytest.approx(1 / 3)
     assert metrics["query_repeat_rate"] == 0 and metrics["query_edge_rate"] == 1
     assert metrics["query_difficulty"] == 2  # 6 + 9: two operand digits
     assert list(selfplay.recent) == [["6+9"] * 3]
     metrics, episodes = selfplay.step()  # the same problem again: now also a recent one
-    assert [e["challenger_advantage"] for e in episodes] == [-1.0] * 3
+    assert [e["challenger_advantage"] for e in episodes] == [-4.0] * 3
     assert metrics["query_repeat_rate"] == 1
     # without the penalty the step would teach the Challenger nothing
     rewards = torch.tensor([[1., 0.]] * 3)
