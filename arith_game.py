@@ -42,8 +42,8 @@ TEMPLATE = "What is {expression}? Answer with the number only."
 TRAINER_OPTIONS = {
     "model": "smollm2", "challenger_reward": "edge", "num_queries": 4, "num_generations": 8,
     "max_query_tokens": 24, "max_completion_length": 32, "micro_batch_size": 8,
-    "temperature": 0.7, "learning_rate": 1e-5, "steps": 25, "save_every": 5, "keep": 100,
-    "eval_every": 5, "log_every": 5,
+    "temperature": 0.7, "learning_rate": 1e-5, "steps": 25, "eval_every": 5, "log_every": 5,
+    "save_every": 25,  # a checkpoint of SmolLM2 and its AdamW states takes 1.6 GB
 }
 
 # Bounds on one expression: generous for any problem a small model can be asked, tight enough
