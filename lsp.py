@@ -59,14 +59,16 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
                           AutoTokenizer, BitsAndBytesConfig, DynamicCache, StaticCache)
 
 from judge_prompts import CHALLENGER_PROMPT, QUALITY_PROMPT, REWARD_PROMPT
-from run_machinery import (REWARD_FUNCTION, call_reward_function, chat_ids, chat_prompt,
-                           check_ranges, check_run_dir, checkpoints, cpu_has_bf16,
-                           curriculum_metrics, default_device, episode_records, exit_if_too_big,
-                           exit_unloadable, game_options, load_game, load_reward_function,
-                           load_training_state, log_step, make_optimizer, model_name_problem,
-                           open_logs, parse_with_resume, problem_key, read_instructions,
-                           resolve_model, resume, save_checkpoint, show_example, SkippedUpdates,
-                           step_metrics, StopRequest, training_state)
+from run_machinery import (add_run_options, call_reward_function, chat_ids, chat_prompt,
+                           check_model_names, check_ranges, check_run_dir, checkpoints,
+                           curriculum_metrics, default_device, dev_accuracy, episode_records,
+                           exit_if_too_big, exit_unloadable, finish_processes, game_options,
+                           gather_iteration, init_processes, load_game, load_reward_function,
+                           load_training_state, log_step, make_optimizer, open_logs,
+                           parse_with_resume, problem_key, rank, read_instructions, resolve_model,
+                           resume, save_checkpoint, show_example, SkippedUpdates, step_metrics,
+                           StopRequest, sum_gradients, sum_over_processes, training_state,
+                           use_cpu_bf16, world_size)
 
 
 # --- Options ---------------------------------------------------------------------------------
@@ -107,7 +109,6 @@ def parse_args(argv=None):
     arg("--max-judge-tokens", type=int, default=256, help="longest judge output")
     arg("--temperature", type=float, default=1.0, help="sampling temperature, both roles")
     arg("--top-p", type=float, default=1.0, help="nucleus sampling, both roles")
-    arg("--chat-date", help="the date chat templates print; default: the run's first day")
     arg("--fast-sampler", choices=["auto", "on", "off"], default="off",
         help="static KV cache and CUDA graphs")
     # optimization
@@ -120,13 +121,9 @@ def parse_args(argv=None):
     arg("--gradient-checkpointing", action="store_true", help="recompute activations")
     arg("--cpu-bf16", choices=["auto", "on", "off"], default="auto", help="bf16 on a CPU")
     # the run
-    arg("--out", default="runs/lsp", help="run directory; a run there is resumed")
-    arg("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    add_run_options(parser, out="runs/lsp", save_every=100)
     arg("--log-every", type=int, default=10, help="print an example every this many steps")
     arg("--eval-every", type=int, default=0, help="score the game's dev sample every K steps")
-    arg("--save-every", type=int, default=100, help="checkpoint every this many steps")
-    arg("--keep", type=int, default=3, help="keep the newest this many checkpoints")
-    arg("--seed", type=int, default=0, help="seeds torch and the sampler")
     game = parser.parse_args(argv).game
     if game:  # the game's settings become the defaults; options given here override them
         parser.set_defaults(**game_options(parser, game))
@@ -152,10 +149,10 @@ def parse_args(argv=None):
     if args.load_in_4bit and args.offload_frozen:
         parser.error("--load-in-4bit and --offload-frozen: two ways to make room for the "
                      "frozen models, choose one")
-    for option, name in (("--model", args.model), ("--reward-model", args.reward_model)):
-        problem = model_name_problem(name, may_be_self=option == "--reward-model")
-        if problem:
-            parser.error(f"{option} {name}: {problem}")
+    check_model_names(parser, args, "--model", "--reward-model")
+    if args.num_queries % world_size():
+        parser.error(f"--num-queries {args.num_queries} must be a multiple of the "
+                     f"{world_size()} processes: N is the iteration's, N / K each process's")
     if args.queries:
         read_instructions(args.queries)  # exits with a message if the file cannot serve
     check_run_dir(parser, args, RESUMABLE, "lsp.py")
@@ -539,7 +536,7 @@ def policy_update(policy, reference, optimizer, prompts, completions, advantages
     A * log pi, which we differentiate. Returns per-sequence KL [S] and lengths [S], the loss
     and the gradient norm; a non-finite one skips the step.
     """
-    if not prompts:  # nothing to train on (every --queries query unscorable)
+    if not sum_over_processes(len(prompts)):  # nothing to train on: all queries unscorable
         return torch.zeros(0), torch.zeros(0), 0.0, 0.0
     policy.train()  # activation checkpointing only runs in train mode; Llama has no dropout
     advantages, weights = advantages.to(policy.device), weights.to(policy.device)  # [S], [S]
@@ -564,12 +561,16 @@ def policy_update(policy, reference, optimizer, prompts, completions, advantages
         total_loss += loss.item()
         seq_kls.append(seq_kl.detach().cpu())
         lengths.append(completion_mask.sum(-1).cpu())
+    sum_gradients(policy.parameters())  # under torchrun: every process's sequences
+    total_loss = sum_over_processes(total_loss)
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item()
     if math.isfinite(total_loss) and math.isfinite(grad_norm):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     policy.eval()
-    return torch.cat(seq_kls), torch.cat(lengths).float(), total_loss, grad_norm
+    nothing = [torch.zeros(0)]  # under torchrun, a process whose queries were all unscorable
+    seq_kls, lengths = torch.cat(seq_kls or nothing), torch.cat(lengths or nothing).float()
+    return seq_kls, lengths, total_loss, grad_norm
 
 
 # --- One iteration (Algorithm 1) -------------------------------------------------------------
@@ -579,9 +580,6 @@ def by_query(values, valid, group):
     table = torch.full((len(valid), group), float("nan"))
     table[valid] = values.view(-1, group)
     return table
-
-
-EVAL_PROBLEMS = 40  # --eval-every's sample of the dev set: a few seconds on a CPU
 
 
 class SelfPlay:
@@ -596,10 +594,9 @@ class SelfPlay:
         self.reward_tokenizer, self.reward_function = reward_tokenizer, reward_function
         self.dataset = read_instructions(args.queries) if args.queries else None
         self.stop_ids = stop_token_ids(policy, tokenizer)
-        self.generator = torch.Generator(policy.device).manual_seed(args.seed)
-        on_cpu = policy.device.type == "cpu"
-        cpu_bf16 = args.cpu_bf16 == "on" or (args.cpu_bf16 == "auto" and cpu_has_bf16())
-        self.cpu_bf16 = on_cpu and cpu_bf16  # deviation 7
+        # under torchrun each process samples its own queries and answers
+        self.generator = torch.Generator(policy.device).manual_seed(args.seed + rank())
+        self.cpu_bf16 = use_cpu_bf16(args.cpu_bf16, policy.device)  # deviation 7
         self.optimizer = make_optimizer(policy.parameters(), args.learning_rate, policy.device)
         self.game = load_game(args.game) if args.game else None
         # the problems the Challenger stated in each of the last --repeat-window steps
@@ -630,18 +627,13 @@ class SelfPlay:
         self.recent.extend(state.get("recent", []))
 
     @torch.no_grad()
-    def dev_accuracy(self):
-        """The greedy Solver's mean reward on a fixed sample of the game's dev set: a live
-        learning curve for --eval-every, scored as `eval.py score` scores a checkpoint."""
-        problems = self.game.dev_set()
-        problems = problems[::max(1, len(problems) // EVAL_PROBLEMS)][:EVAL_PROBLEMS]
-        queries = [problem["query"] for problem in problems]
+    def greedy_answers(self, queries):
+        """The Solver's most likely answers, for --eval-every's dev curve (`dev_accuracy`)."""
         prompts = [self.user_turn(query) for query in queries]
         answer_ids, answer_mask = sample(self.policy, prompts, self.args.max_completion_length,
                                          self.stop_ids, temperature=0)
-        answers = self.tokenizer.batch_decode(unpad(answer_ids, answer_mask),
-                                              skip_special_tokens=True)
-        return call_reward_function(self.reward_function, queries, answers).mean().item()
+        return self.tokenizer.batch_decode(unpad(answer_ids, answer_mask),
+                                           skip_special_tokens=True)
 
     def user_turn(self, text):
         return chat_prompt(self.tokenizer, text, self.args.chat_date)
@@ -716,15 +708,16 @@ class SelfPlay:
 
         # 1. The Challenger writes N queries from one prompt; empty or cut ones are invalid.
         #    With --queries the Solver answers N queries from the file instead (the data
-        #    baseline) and there is no Challenger loss.
+        #    baseline) and there is no Challenger loss. Under torchrun, N / K per process.
+        mine = args.num_queries // world_size()
         if self.dataset:
-            picks = torch.randint(len(self.dataset), (args.num_queries,),
-                                  generator=self.generator, device=self.generator.device)
+            picks = torch.randint(len(self.dataset), (mine,), generator=self.generator,
+                                  device=self.generator.device)
             query_tokens = []
             queries = [self.dataset[i] for i in picks.tolist()]
-            statuses = ["ok"] * args.num_queries
+            statuses = ["ok"] * mine
         else:
-            query_tokens = self.roll_out([self.challenger_prompt] * args.num_queries,
+            query_tokens = self.roll_out([self.challenger_prompt] * mine,
                                          args.max_query_tokens, self.query_stop_ids)
             template = args.template if args.fill_template else None  # the query fills it
             read = [self.read_query(self.tokenizer, tokens, self.query_stop_ids, template)
@@ -766,9 +759,12 @@ class SelfPlay:
         rewards = by_query(rewards, valid, group)  # [N, G], NaN rows for invalid queries
         quality = None if args.no_self_reward else by_query(quality, valid, group)  # [N, G]
 
-        # 4. Group-relative advantages (deviation 2 for invalid queries).
+        # 4. Group-relative advantages (deviation 2 for invalid queries), over all N queries:
+        #    under torchrun every process gathers the others' (`gather`) and keeps its own.
         #    With the edge reward, repeated problems cost the Challenger (deviation 9).
         keys = [problem_key(self.game, q) if ok else None for q, ok in zip(queries, valid)]
+        keys, queries, valid, rewards, quality, own = gather_iteration(
+            keys, queries, valid, rewards, quality)  # lists and tensors of all N queries
         recent = set().union(*self.recent)  # the problems of the last --repeat-window steps
         repeats = repeat_counts(keys, recent) if args.challenger_reward == "edge" else None
         solver_advantages, challenger_advantages = lsp_advantages(
@@ -776,11 +772,17 @@ class SelfPlay:
             args.repeat_penalty)  # [N, G], [N]
         if query_tokens:  # the Challenger's problems, not a data set's
             self.recent.append([key for key in keys if key is not None])
+        curriculum = curriculum_metrics(keys, recent, queries, rewards, self.game)
+        queries, valid, rewards, solver_advantages, challenger_advantages = (
+            queries[own], valid[own], rewards[own], solver_advantages[own],
+            challenger_advantages[own])  # this process's queries
+        quality = None if quality is None else quality[own]
 
         # 5. One gradient step for both roles. Answers go first, so that a micro-batch mostly
         #    shares one prompt (`prefill`).
         written = len(query_tokens)  # Challenger sequences: N, or 0 with --queries
-        answer_weights = torch.full((len(answers),), 1 / max(1, len(answers)))
+        all_answers = sum_over_processes(len(answers))
+        answer_weights = torch.full((len(answers),), 1 / max(1, all_answers))
         query_weights = torch.full((written,), args.alpha_ch / args.num_queries)
         advantages = [solver_advantages[valid].flatten(), challenger_advantages[:written]]
         seq_kl, lengths, loss, grad_norm = policy_update(
@@ -799,7 +801,7 @@ class SelfPlay:
                    "update_skipped": float(not math.isfinite(loss + grad_norm))}
         metrics.update(step_metrics(statuses, *answered_rows, challenger_advantages,
                                     seq_kl / lengths, lengths, written, clipped, judged))
-        metrics.update(curriculum_metrics(keys, recent, queries, rewards, self.game))
+        metrics.update(curriculum)
         metrics.update(times)
         episodes = episode_records(queries, statuses, answers, *answered_rows,
                                    challenger_advantages, judged)
@@ -812,25 +814,24 @@ def train(args, selfplay, start_step=0):
     out = Path(args.out)
     skipped = SkippedUpdates(out)
     steps = range(start_step + 1, args.steps + 1)
-    bar = tqdm(steps, initial=start_step, total=args.steps, desc="LSP", dynamic_ncols=True)
+    bar = tqdm(steps, initial=start_step, total=args.steps, desc="LSP", dynamic_ncols=True,
+               disable=rank() != 0)
     with StopRequest() as stop, open_logs(out) as (metrics_file, episodes_file):
         for step in bar:
             started = time.perf_counter()
             metrics, episodes = selfplay.step()
-            if args.eval_every and (step % args.eval_every == 0 or step == 1):
+            if args.eval_every and rank() == 0 and (step % args.eval_every == 0 or step == 1):
                 evaluated = time.perf_counter()
-                metrics["dev_accuracy"] = selfplay.dev_accuracy()
+                metrics["dev_accuracy"] = dev_accuracy(selfplay.game, selfplay.reward_function,
+                                                       selfplay.greedy_answers)
                 metrics["time/eval"] = time.perf_counter() - evaluated
             metrics["time/step"] = time.perf_counter() - started
             log_step(step, metrics, episodes, metrics_file, episodes_file, bar)
-            if step == 1:  # nonzero only if the reference is not the starting model (NF4)
-                tqdm.write(f"step 1: KL to the reference {metrics['kl']:.3g} nats per token "
-                           "(0 when the reference is exactly the starting model; with "
-                           "--load-in-4bit, the NF4 rounding error)")
             if step % args.log_every == 0 or step == 1:
                 show_example(step, episodes)
             skipped.count(step, metrics["update_skipped"])
-            if step % args.save_every == 0 or step == args.steps or stop.signal:
+            stopping = stop.agreed()  # under torchrun, every process stops at the same step
+            if step % args.save_every == 0 or step == args.steps or stopping:
                 save_checkpoint(selfplay, out, step, args.keep)
             stop.exit_if_asked(step, "lsp.py", out)
     tqdm.write(f"done: {args.steps} steps; metrics in {out / 'metrics.jsonl'}, "
@@ -845,9 +846,7 @@ def start(args):
     saved = checkpoints(args.out)
     torch.manual_seed(args.seed)
     device = default_device()
-    reward_function = None
-    if REWARD_FUNCTION.fullmatch(args.reward_model):
-        reward_function = load_reward_function(args.reward_model)
+    reward_function = load_reward_function(args.reward_model)  # None for a reward model
     policy_path = str(saved[-1]) if saved else args.model
     tokenizer, policy = load_model(policy_path, AutoModelForCausalLM, device)
     if device.type == "cuda":
@@ -872,6 +871,7 @@ def start(args):
 
 
 def main(argv=None):
+    init_processes()  # under torchrun: join the other processes
     args = parse_args(argv)
     try:
         train(args, *start(args))  # a run that has done its --steps already says "done"
@@ -883,6 +883,8 @@ def main(argv=None):
     except KeyboardInterrupt:
         sys.exit("stopped without saving; resume from the newest checkpoint with: "
                  f"python lsp.py --resume {args.out}")
+    finally:
+        finish_processes()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ The run machinery that lsp.py and spin.py share: everything a reader of the algo
     logs         a step's metrics and episodes, as JSONL lines written at once, repaired on resume
     checkpoints  written atomically; a resumed run continues as if never stopped
     signals      the first Ctrl-C or SIGTERM saves after the current step
+    processes    data parallel under torchrun: gathering, summed gradients, rank 0 writes
 
 It holds no part of the algorithm. lsp.py imports this module, never the reverse.
 """
@@ -29,6 +30,7 @@ import types
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import try_to_load_from_cache
 from tqdm import tqdm
@@ -36,6 +38,17 @@ from transformers import GgufConfig
 
 
 # --- Options: a run directory holds one run --------------------------------------------------
+
+def add_run_options(parser, out, save_every):
+    """The options of every run: where it lives, resuming, saving, its seed and its date."""
+    arg = parser.add_argument
+    arg("--out", default=out, help="run directory; a run there is resumed")
+    arg("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    arg("--save-every", type=int, default=save_every, help="checkpoint every this many steps")
+    arg("--keep", type=int, default=3, help="keep the newest this many checkpoints")
+    arg("--seed", type=int, default=0, help="seeds torch and the sampler")
+    arg("--chat-date", help="the date chat templates print; default: the run's first day")
+
 
 def parse_with_resume(parser, argv):
     """Parse argv; with --resume RUN_DIR the run's saved options are the defaults."""
@@ -88,6 +101,15 @@ def check_run_dir(parser, args, resumable, script):
 
 
 REWARD_FUNCTION = re.compile(r".+\.py:\w+")  # --reward-model FILE.py:FUNCTION
+
+
+def check_model_names(parser, args, *options):
+    """Exit with a message if an option (--model, --reward-model) names no model."""
+    for option in options:
+        name = getattr(args, option[2:].replace("-", "_"))
+        problem = model_name_problem(name, may_be_self=option == "--reward-model")
+        if problem:
+            parser.error(f"{option} {name}: {problem}")
 
 
 def model_name_problem(name, may_be_self=False):
@@ -198,11 +220,13 @@ def read_instructions(path):
 
 
 def load_reward_function(spec):
-    """FUNCTION from FILE.py, for --reward-model FILE.py:FUNCTION.
+    """FUNCTION from FILE.py, for --reward-model FILE.py:FUNCTION; None for a model's name.
 
     It is called as FUNCTION(queries, answers) -> a float or None per (query, answer) pair;
     None means the query is not a valid problem (see `call_reward_function`).
     """
+    if not REWARD_FUNCTION.fullmatch(spec):
+        return None
     path, name = spec.rsplit(":", 1)
     try:
         # the file's globals; its `if __name__ == "__main__":` part does not run
@@ -213,6 +237,18 @@ def load_reward_function(spec):
     if not callable(function):
         sys.exit(f"error: --reward-model {spec}: {path} has no function {name}")
     return function
+
+
+EVAL_PROBLEMS = 40  # --eval-every's sample of the dev set: a few seconds on a CPU
+
+
+def dev_accuracy(game, reward_function, answer):
+    """The mean reward of answer(queries) on a fixed sample of the game's dev set, spread over
+    its levels: the live learning curve of --eval-every, scored as `eval.py score` scores."""
+    problems = game.dev_set()
+    problems = problems[::max(1, len(problems) // EVAL_PROBLEMS)][:EVAL_PROBLEMS]
+    queries = [problem["query"] for problem in problems]
+    return call_reward_function(reward_function, queries, answer(queries)).mean().item()
 
 
 def call_reward_function(function, queries, answers, answered=False):
@@ -277,7 +313,18 @@ def chat_prompt(tokenizer, user_text, date=None):
 # --- Precision: bf16 on a CPU, 8-bit AdamW on CUDA -------------------------------------------
 
 def default_device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if dist.is_initialized():  # under torchrun: this process's own GPU
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cuda")
+
+
+def use_cpu_bf16(setting, device):
+    """Whether --cpu-bf16 (auto, on, off) runs matrix products in bf16 on this device."""
+    if device.type != "cpu":
+        return False
+    return setting == "on" or (setting == "auto" and cpu_has_bf16())
 
 
 def cpu_has_bf16():
@@ -522,7 +569,16 @@ SHOWN = ("reward", "self_reward", "kl", "dev_accuracy")  # on the progress bar
 
 def log_step(step, metrics, episodes, metrics_file, episodes_file, bar):
     """Write a step's line to metrics.jsonl and its queries to episodes.jsonl; show a few
-    numbers on the progress bar."""
+    numbers on the progress bar. Under torchrun, rank 0 writes every process's episodes and the
+    mean over processes of each metric."""
+    metrics = mean_over_processes(metrics)
+    episodes = gather(episodes)
+    if metrics_file is None:  # not rank 0
+        return
+    if step == 1:  # nonzero only if the reference is not the starting model (NF4)
+        tqdm.write(f"step 1: KL to the reference {metrics['kl']:.3g} nats per token (0 when "
+                   "the reference is exactly the starting model; with --load-in-4bit, the NF4 "
+                   "rounding error)")
     metrics_file.write(json_line({"step": step, **metrics}))
     episodes_file.write("".join(json_line({"step": step, **episode}) for episode in episodes))
     bar.set_postfix({name: f"{metrics[name]:.4g}" for name in SHOWN
@@ -534,8 +590,11 @@ def open_logs(out):
     """RUN_DIR/metrics.jsonl and episodes.jsonl, appended to line by line.
 
     Line-buffered: each line reaches the disk at once, so a killed run loses at most its last
-    step.
+    step. Under torchrun only rank 0 writes them; the others get (None, None).
     """
+    if rank() != 0:
+        yield None, None
+        return
     with open(out / "metrics.jsonl", "a", buffering=1) as metrics_file, \
             open(out / "episodes.jsonl", "a", buffering=1) as episodes_file:
         yield metrics_file, episodes_file
@@ -548,40 +607,53 @@ def checkpoints(out):
     return sorted(Path(out).glob("checkpoint-*[0-9]"))  # 6 zero-padded digits: they sort by step
 
 
-def training_state(optimizer, generator):
-    """What a resumed run needs besides the weights to continue exactly as if never stopped."""
+def random_states(generator):
     return {
-        "optimizer": optimizer.state_dict(),
         "sampler_rng": generator.get_state(),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all(),  # [] on a CPU
     }
 
 
+def training_state(optimizer, generator):
+    """What a resumed run needs besides the weights to continue exactly as if never stopped:
+    the optimizer and the random states; under torchrun every process's, in rank order."""
+    state = {"optimizer": optimizer.state_dict(), **random_states(generator)}
+    if dist.is_initialized():
+        state["rank_random_states"] = gather([random_states(generator)])
+    return state
+
+
 def load_training_state(state, optimizer, generator):
     optimizer.load_state_dict(state["optimizer"])
-    generator.set_state(state["sampler_rng"])
-    torch.set_rng_state(state["torch_rng"])
-    torch.cuda.set_rng_state_all(state["cuda_rng"])  # CUDA's drives the stochastic rounding
+    mine = state["rank_random_states"][rank()] if "rank_random_states" in state else state
+    generator.set_state(mine["sampler_rng"])
+    torch.set_rng_state(mine["torch_rng"])
+    torch.cuda.set_rng_state_all(mine["cuda_rng"])  # CUDA's drives the stochastic rounding
 
 
 def save_checkpoint(trainer, out, step, keep):
     """Write RUN_DIR/checkpoint-STEP: what from_pretrained loads, and trainer_state.pt.
 
     It is written as .tmp and renamed when complete: a kill while saving leaves the previous
-    one intact. Only the newest `keep` checkpoints stay.
+    one intact. Only the newest `keep` checkpoints stay. Under torchrun every process calls it
+    (it gathers their random states) and rank 0 writes.
     """
+    state = {"step": step, **trainer.state_dict()}
+    if rank() != 0:
+        return barrier()
     final = out / f"checkpoint-{step:06d}"
     partial = final.with_name(final.name + ".tmp")
     shutil.rmtree(partial, ignore_errors=True)  # left over by a save that was killed
     trainer.policy.save_pretrained(partial)
     trainer.tokenizer.save_pretrained(partial)
-    torch.save({"step": step, **trainer.state_dict()}, partial / "trainer_state.pt")
+    torch.save(state, partial / "trainer_state.pt")
     if hasattr(os, "sync"):
         os.sync()  # on disk before the rename makes it visible: survives a power cut too
     os.replace(partial, final)
     for old in checkpoints(out)[:-keep]:
         shutil.rmtree(old)
+    barrier()
 
 
 def read_trainer_state(checkpoint, device):
@@ -592,6 +664,10 @@ def read_trainer_state(checkpoint, device):
     if bool(state["cuda_rng"]) != (device.type == "cuda"):
         trained_on = "GPU" if state["cuda_rng"] else "CPU"
         sys.exit(f"error: {checkpoint.parent} was trained on a {trained_on}: resume it on one")
+    processes = len(state.get("rank_random_states", [state]))
+    if processes != world_size():
+        sys.exit(f"error: {checkpoint.parent} was trained by {processes} processes: resume it "
+                 f"with as many (torchrun --nproc_per_node {processes}), not {world_size()}")
     return state
 
 
@@ -612,11 +688,13 @@ def resume(trainer, args, device):
 def prepare_run_dir(args, last_step):
     """Create --out, save the options, and drop log lines after last_step (-1: no checkpoint)."""
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    options = {key: value for key, value in vars(args).items() if key != "resume"}
-    write_atomically(out / "config.json", json.dumps(options, indent=1))
-    for log in ("metrics.jsonl", "episodes.jsonl"):
-        restore_log(out / log, last_step)
+    if rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        options = {key: value for key, value in vars(args).items() if key != "resume"}
+        write_atomically(out / "config.json", json.dumps(options, indent=1))
+        for log in ("metrics.jsonl", "episodes.jsonl"):
+            restore_log(out / log, last_step)
+    barrier()
 
 
 class SkippedUpdates:
@@ -640,7 +718,12 @@ class SkippedUpdates:
 # --- Signals ---------------------------------------------------------------------------------
 
 class StopRequest:
-    """The first Ctrl-C or SIGTERM saves and stops after the current step; a second stops now."""
+    """The first Ctrl-C or SIGTERM saves and stops after the current step; a second stops now.
+
+    Under torchrun, torchrun passes a signal on to every process, which would count as a
+    second: there every signal only asks to stop, and `agreed` makes the processes stop at the
+    same step (torchrun kills them if they take longer than 30 s to finish it).
+    """
 
     def __enter__(self):
         self.signal = None
@@ -655,11 +738,19 @@ class StopRequest:
             signal.signal(signum, handler)
 
     def handle(self, signum, frame):
-        if self.signal is not None:
+        if self.signal is not None and not dist.is_initialized():
             raise KeyboardInterrupt
         self.signal = signum
         tqdm.write(f"{signal.Signals(signum).name}: saving after this step "
                    "(Ctrl-C again stops now, without saving)")
+
+    def agreed(self):
+        """The signal some process got, or None: the same answer on every process."""
+        if dist.is_initialized():
+            asked = torch.tensor([self.signal or 0], device=collective_device())
+            dist.all_reduce(asked, op=dist.ReduceOp.MAX)
+            self.signal = asked.item() or None
+        return self.signal
 
     def exit_if_asked(self, step, script, out):
         """After the checkpoint of `step`: exit with 128 + the signal's number (130, 143)."""
@@ -667,3 +758,98 @@ class StopRequest:
             tqdm.write(f"stopped after step {step}, checkpoint saved. "
                        f"Resume with: python {script} --resume {out}")
             sys.exit(128 + self.signal)
+
+
+# --- Processes: data parallel under torchrun -------------------------------------------------
+
+def init_processes():
+    """Join the process group under torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on a CPU.
+
+    Every process then holds the whole model and its own share of the iteration; only rank 0
+    prints, logs and writes checkpoints. Returns (rank, world size): (0, 1) for a plain run.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if dist.get_rank() != 0:
+            sys.stdout = open(os.devnull, "w")  # one process speaks; errors still show
+    return rank(), world_size()
+
+
+def finish_processes():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def gather(values):
+    """Every process's list of values, joined in rank order (any picklable values)."""
+    if not dist.is_initialized():
+        return list(values)
+    parts = [None] * world_size()
+    dist.all_gather_object(parts, list(values))
+    return [value for part in parts for value in part]
+
+
+def collective_device():
+    """Where the tensors of a collective live: NCCL moves GPU tensors only."""
+    return default_device() if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def sum_over_processes(value):
+    """A number summed over the processes."""
+    if not dist.is_initialized():
+        return value
+    total = torch.tensor([float(value)], dtype=torch.float64, device=collective_device())
+    dist.all_reduce(total)
+    return total.item()
+
+
+def mean_over_processes(metrics):
+    """Each metric averaged over the processes that logged it."""
+    if not dist.is_initialized():
+        return metrics
+    logged = gather([metrics])
+    names = dict.fromkeys(name for part in logged for name in part)
+    means = {}
+    for name in names:
+        values = [part[name] for part in logged if part.get(name) is not None]
+        means[name] = sum(values) / len(values) if values else None
+    return means
+
+
+def sum_gradients(parameters):
+    """Add up the processes' gradients, so that every process holds the whole iteration's and
+    takes the same optimizer step. Each process weighs its sequences by the iteration's global
+    counts (1 / N of all queries, 1 / all answers), so the sum is one process's gradient on
+    every sequence."""
+    if not dist.is_initialized():
+        return
+    for parameter in parameters:
+        if parameter.grad is None:  # a parameter this process's sequences did not reach
+            parameter.grad = torch.zeros_like(parameter)
+        dist.all_reduce(parameter.grad)
+
+
+def gather_iteration(keys, queries, valid, rewards, quality):
+    """All processes' queries of an iteration, in rank order, and the slice that is this
+    process's own: (keys, queries, valid [N], rewards [N, G], quality [N, G] or None, own)."""
+    own = slice(rank() * len(keys), (rank() + 1) * len(keys))
+    if not dist.is_initialized():
+        return keys, list(queries), valid, rewards, quality, own
+    rewards = torch.cat(gather([rewards]))
+    quality = None if quality is None else torch.cat(gather([quality]))
+    return gather(keys), gather(queries), torch.cat(gather([valid])), rewards, quality, own

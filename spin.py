@@ -41,6 +41,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -51,10 +52,10 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
 import lsp
-from run_machinery import (chat_prompt, check_ranges, check_run_dir, checkpoints, default_device,
-                           json_line, load_training_state, make_optimizer, model_name_problem,
-                           open_logs, parse_with_resume, resume, save_checkpoint, StopRequest,
-                           training_state)
+from run_machinery import (add_run_options, chat_prompt, check_model_names, check_ranges,
+                           check_run_dir, checkpoints, default_device, json_line,
+                           load_training_state, make_optimizer, open_logs, parse_with_resume,
+                           resume, save_checkpoint, StopRequest, training_state)
 
 
 # --- Options ---------------------------------------------------------------------------------
@@ -83,20 +84,16 @@ def parse_args(argv=None):
     arg("--top-p", type=float, default=1.0, help="opponent nucleus sampling")
     arg("--max-completion-length", type=int, default=256,
         help="longest response, sampled or human (paper: 256)")
-    arg("--chat-date", help="the date chat templates print; default: the run's first day")
     # optimization
     arg("--learning-rate", type=float, default=1e-5, help="AdamW learning rate (paper: 5e-7)")
     arg("--batch-size", type=int, default=8, help="pairs per optimizer step")
     arg("--micro-batch-size", type=int, default=4, help="pairs per forward and backward")
     arg("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
-    # the run
-    arg("--out", default="runs/spin", help="run directory; a run there is resumed")
-    arg("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
-    arg("--save-every", type=int, default=50,
-        help="checkpoint every this many steps, and after each iteration")
-    arg("--keep", type=int, default=3, help="keep the newest this many checkpoints")
-    arg("--seed", type=int, default=0, help="seeds torch, the sampler and the batch order")
+    # the run (--save-every: also after each iteration)
+    add_run_options(parser, out="runs/spin", save_every=50)
     args = parse_with_resume(parser, argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one process would not see the others
+        parser.error("spin.py runs in one process; torchrun is for lsp.py")
 
     counts = ["iterations", "epochs", "max_completion_length", "batch_size", "micro_batch_size",
               "save_every", "keep"]
@@ -104,9 +101,7 @@ def parse_args(argv=None):
     check_ranges(parser, args, dict.fromkeys(counts, 1), positive)
     if args.top_p > 1:
         parser.error("--top-p must be at most 1")
-    problem = model_name_problem(args.model)
-    if problem:
-        parser.error(f"--model {args.model}: {problem}")
+    check_model_names(parser, args, "--model")
     if args.command == "score":
         return args
     check_run_dir(parser, args, RESUMABLE, "spin.py")

@@ -356,7 +356,7 @@ def test_bf16_autocast_gives_the_float32_log_probs_within_a_hundredth_of_a_nat(t
     ("auto", True, True), ("auto", False, False), ("on", False, True), ("off", True, False)])
 def test_cpu_bf16_runs_the_step_under_autocast_and_keeps_float32_weights(
         tmp_path, smol_tokenizer, monkeypatch, setting, hardware, expected):
-    monkeypatch.setattr(lsp, "cpu_has_bf16", lambda: hardware)
+    monkeypatch.setattr(run_machinery, "cpu_has_bf16", lambda: hardware)
     selfplay = scripted_selfplay(tmp_path, smol_tokenizer, [["q1", "q2", "q3"], ["a"] * 6], "--cpu-bf16", setting)
     seen = []
     real_update = lsp.policy_update
@@ -1319,4 +1319,6 @@ def test_dev_accuracy_is_the_greedy_solvers_mean_reward_on_a_fixed_dev_sample(tm
         ids = [smol_tokenizer.encode(text) + [smol_tokenizer.eos_token_id] for text in texts]
         return lsp.pad(ids, "right", model.device)
     monkeypatch.setattr(lsp, "sample", right_half)
-    assert selfplay.dev_accuracy() == 0.5 and len(asked) == lsp.EVAL_PROBLEMS == 40
+    accuracy = run_machinery.dev_accuracy(selfplay.game, selfplay.reward_function,
+                                          selfplay.greedy_answers)
+    assert accuracy == 0.5 and len(asked) == run_machinery.EVAL_PROBLEMS == 40

@@ -212,6 +212,13 @@ def test_bad_options_are_rejected_with_a_message(tmp_path, argv, message, capsys
     assert message in capsys.readouterr().err
 
 
+def test_under_torchrun_spin_refuses_to_run_once_per_process(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit):
+        spin.parse_args(["--out", str(tmp_path / "run")])
+    assert "spin.py runs in one process" in capsys.readouterr().err
+
+
 def test_a_run_directory_resumes_only_the_same_run(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
