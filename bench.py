@@ -34,6 +34,7 @@ Presets:
 Run (offline: HF_HUB_OFFLINE=1; options after `--` go to the trainer):
     OMP_WAIT_POLICY=PASSIVE python bench.py --preset cpu
     OMP_WAIT_POLICY=PASSIVE python bench.py --preset game --against REV   # REV: a git revision
+    python bench.py --against trl   # the data baseline, here and in TRL (bench_trl.py)
     python bench.py --preset gpu
     python bench.py --preset gpu -- --offload-frozen --gradient-checkpointing
 
@@ -62,6 +63,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
 import arith_game
+import bench_trl
 import lsp
 import run_machinery
 
@@ -371,7 +373,8 @@ def parse_options(argv):
                         help="memory bandwidth in TB/s for the floor (default: by GPU name)")
     parser.add_argument("--skip-step", action="store_true", help="measure the samplers only")
     parser.add_argument("--against", metavar="REV",
-                        help="also time the iteration of lsp.py at this git revision")
+                        help="also time the iteration of lsp.py at this git revision; trl: "
+                        "the data baseline against TRL's GRPOTrainer (bench_trl.py)")
     parser.add_argument("trainer_options", nargs="*",
                         help="after --: options for lsp.py, e.g. -- --load-in-4bit")
     return parser.parse_args(argv)
@@ -483,6 +486,8 @@ def bench_iteration(args, trainer_argv, options, device, workdir):
 
 def main(argv=None):
     options = parse_options(argv)
+    if options.against == "trl":
+        return bench_trl.main([])
     preset, device = PRESETS[options.preset], run_machinery.default_device()
     transformers.logging.set_verbosity_error()  # the reward head is new by design: no warning
     transformers.logging.disable_progress_bar()

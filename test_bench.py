@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 HERE = Path(__file__).parent
 NUMBER = re.compile(r"-?[\d,]*\.?\d+|nan|inf", re.IGNORECASE)
 
@@ -71,3 +73,28 @@ def test_peak_in_use_keeps_the_highest_reading_of_a_block_not_its_last(monkeypat
     read = len(calls)
     time.sleep(0.05)
     assert len(calls) == read  # no reading once the block has ended
+
+
+def test_the_trl_comparison_gives_trl_the_same_work(tmp_path):
+    pytest.importorskip("trl")
+    import bench_trl
+    work = bench_trl.settings(SimpleNamespace(model="m", queries="q.txt", steps=5))
+    config = bench_trl.trl_config(work, str(tmp_path))
+    answers = work["num_queries"] * work["num_generations"]
+    # one generation of N x G answers per optimizer step, trained in micro-batches
+    assert config.per_device_train_batch_size * config.gradient_accumulation_steps == answers
+    assert config.generation_batch_size == answers and config.num_generations == 8
+    assert (config.max_steps, config.num_iterations, config.beta) == (5, 1, work["beta"])
+    assert (config.temperature, config.learning_rate) == (work["temperature"], work["learning_rate"])
+    assert config.max_completion_length == work["max_completion_length"]
+    assert config.scale_rewards == "none" and config.lr_scheduler_type == "constant"
+    assert not config.gradient_checkpointing and not config.bf16
+    # dr_grpo's loss is ours / max_completion_length: the same clipping needs the same factor
+    assert config.max_grad_norm * config.max_completion_length == work["max_grad_norm"]
+
+
+def test_the_trl_comparison_without_trl_says_how_to_install_it(monkeypatch):
+    import bench
+    monkeypatch.setitem(sys.modules, "trl", None)  # makes `import trl` raise ImportError
+    with pytest.raises(SystemExit, match="pip install trl"):
+        bench.main(["--against", "trl"])
