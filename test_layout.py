@@ -12,7 +12,7 @@ import pytest
 
 HERE = Path(__file__).parent
 PRODUCT_FILES = ["lsp.py", "run_machinery.py", "judge_prompts.py", "eval.py", "bench.py",
-                 "spin.py", "arith_game.py"]
+                 "bench_trl.py", "spin.py", "arith_game.py"]
 PROJECT_MODULES = {Path(name).stem for name in PRODUCT_FILES} | {"conftest"}
 COMMIT_HASH = re.compile(r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]{7,40}\b")
 
