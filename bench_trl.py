@@ -35,6 +35,8 @@ from pathlib import Path
 import torch
 import transformers
 
+import eval as evaluation  # an alias: `eval` would shadow the builtin
+
 HERE = Path(__file__).parent
 UNMATCHED = [
     "Loss normalization: ours sums log-probs over an answer's tokens and weighs each answer "
@@ -162,15 +164,9 @@ def measure(name, work, out):
 
 
 def heldout(model, out):
-    """Right answers per level of `eval.py score` on the held-out set."""
-    subprocess.run([sys.executable, str(HERE / "eval.py"), "score", "--model", model,
-                    "--out", out], check=True, capture_output=True)
-    records = [json.loads(line) for line in Path(out).read_text().splitlines()]
-    levels = {}
-    for record in records:
-        levels.setdefault(record["level"], []).append(record["right"])
-    levels["all"] = [record["right"] for record in records]
-    return {level: f"{sum(rights)}/{len(rights)}" for level, rights in levels.items()}
+    """Right answers per level of `eval.py score` on the held-out set (it prints its table)."""
+    scores = evaluation.main(["score", "--model", model, "--out", out])
+    return {level: f"{right}/{n}" for level, (right, n, *_) in scores.items()}
 
 
 def prepare(options, workdir):

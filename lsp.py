@@ -765,6 +765,7 @@ class SelfPlay:
         keys = [problem_key(self.game, q) if ok else None for q, ok in zip(queries, valid)]
         keys, queries, valid, rewards, quality, own = gather_iteration(
             keys, queries, valid, rewards, quality)  # lists and tensors of all N queries
+        all_answers = group * int(valid.sum())  # every process's: G per valid query
         recent = set().union(*self.recent)  # the problems of the last --repeat-window steps
         repeats = repeat_counts(keys, recent) if args.challenger_reward == "edge" else None
         solver_advantages, challenger_advantages = lsp_advantages(
@@ -781,7 +782,6 @@ class SelfPlay:
         # 5. One gradient step for both roles. Answers go first, so that a micro-batch mostly
         #    shares one prompt (`prefill`).
         written = len(query_tokens)  # Challenger sequences: N, or 0 with --queries
-        all_answers = sum_over_processes(len(answers))
         answer_weights = torch.full((len(answers),), 1 / max(1, all_answers))
         query_weights = torch.full((written,), args.alpha_ch / args.num_queries)
         advantages = [solver_advantages[valid].flatten(), challenger_advantages[:written]]

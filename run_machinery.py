@@ -766,7 +766,7 @@ def init_processes():
     """Join the process group under torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on a CPU.
 
     Every process then holds the whole model and its own share of the iteration; only rank 0
-    prints, logs and writes checkpoints. Returns (rank, world size): (0, 1) for a plain run.
+    prints, logs and writes checkpoints. A plain run (no torchrun) joins nothing.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         if torch.cuda.is_available():
@@ -774,7 +774,6 @@ def init_processes():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if dist.get_rank() != 0:
             sys.stdout = open(os.devnull, "w")  # one process speaks; errors still show
-    return rank(), world_size()
 
 
 def finish_processes():
@@ -850,6 +849,10 @@ def gather_iteration(keys, queries, valid, rewards, quality):
     own = slice(rank() * len(keys), (rank() + 1) * len(keys))
     if not dist.is_initialized():
         return keys, list(queries), valid, rewards, quality, own
-    rewards = torch.cat(gather([rewards]))
-    quality = None if quality is None else torch.cat(gather([quality]))
-    return gather(keys), gather(queries), torch.cat(gather([valid])), rewards, quality, own
+    parts = gather([(keys, list(queries), valid, rewards, quality)])  # one exchange, rank order
+    keys = [key for part in parts for key in part[0]]
+    queries = [query for part in parts for query in part[1]]
+    valid = torch.cat([part[2] for part in parts])  # [N]
+    rewards = torch.cat([part[3] for part in parts])  # [N, G]
+    quality = None if quality is None else torch.cat([part[4] for part in parts])  # [N, G]
+    return keys, queries, valid, rewards, quality, own
