@@ -14,14 +14,14 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import lsp
 import run_machinery
+from conftest import tiny_config
 
 HERE = Path(__file__).parent
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -33,10 +33,7 @@ WEIGHTS = torch.tensor([0.25, 0.25, 0.125, 0.5])  # the iteration's global weigh
 
 def tiny_model():
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
-                         bos_token_id=2, eos_token_id=1)
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(tiny_config()).eval()
 
 
 def update(rows):
@@ -82,23 +79,6 @@ def selfplay_step(rank, store, results, model_dir, out):
     checksum = torch.tensor([float(p.detach().double().sum()) for p in selfplay.policy.parameters()])
     results[rank] = (checksum, [e["query"] for e in episodes], metrics["grad_norm"])
     dist.destroy_process_group()
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    path, kwargs = run_machinery.resolve_model("smollm2")
-    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=kwargs["gguf_file"])
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    model = LlamaForCausalLM(config)
-    # one token in eight ends a turn, so that random text stops within a few tokens
-    model.generation_config.eos_token_id = list(range(0, len(tokenizer), 8))
-    directory = tmp_path_factory.mktemp("tiny-chat-model")
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 def test_after_a_step_both_processes_hold_the_same_parameters(tmp_path, tiny_model_dir):

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import arith_game
 import eval as evaluation  # an alias: a module bound to the name `eval` would shadow the builtin eval()
@@ -22,12 +22,6 @@ import run_machinery
 
 HERE = Path(__file__).parent
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1"}  # no network here: fail fast instead of retrying
-
-
-@pytest.fixture(scope="module")
-def smol_tokenizer():
-    path, kwargs = run_machinery.resolve_model("smollm2")
-    return AutoTokenizer.from_pretrained(path, gguf_file=kwargs["gguf_file"])
 
 
 def test_docstring_examples():

@@ -25,27 +25,16 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llam
 import lsp
 import run_machinery
 from bench import LLAMA_3B
+from conftest import tiny_chat_model, tiny_config
 
 HERE = Path(__file__).parent
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1"}  # no network here: fail fast instead of retrying
-
-
-def tiny_config(vocab_size=64, **extra):
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                       pad_token_id=0, bos_token_id=2, eos_token_id=1, **extra)
 
 
 @pytest.fixture
 def tiny_model():
     torch.manual_seed(0)
     return LlamaForCausalLM(tiny_config()).eval()
-
-
-@pytest.fixture(scope="module")
-def smol_tokenizer():
-    path, kwargs = run_machinery.resolve_model("smollm2")
-    return AutoTokenizer.from_pretrained(path, gguf_file=kwargs["gguf_file"])
 
 
 def options(tmp_path, *extra):
@@ -575,14 +564,6 @@ def test_reward_model_scores_pool_each_conversation_at_its_last_token(smol_token
     assert batched.shape == (2,) and torch.allclose(batched, expected, atol=1e-5)
 
 
-def tiny_chat_model(tokenizer):
-    torch.manual_seed(0)
-    policy = LlamaForCausalLM(tiny_config(vocab_size=len(tokenizer))).eval()
-    # make one token in eight a stop token, so that random text ends within a few tokens
-    policy.generation_config.eos_token_id = list(range(0, len(tokenizer), 8))
-    return policy
-
-
 TINY_RUN = ["--reward-model", "self", "--num-queries", "3", "--num-generations", "2", "--max-query-tokens", "40",
             "--max-completion-length", "12", "--max-judge-tokens", "8", "--learning-rate", "1e-3"]
 
@@ -864,14 +845,6 @@ def test_restore_log_keeps_each_step_up_to_the_checkpoint_and_drops_a_cut_line(t
     log.write_text("".join(json.dumps({"step": step}) + "\n" for step in (1, 2, 3, 4)) + '{"step": 5, "rew')
     run_machinery.restore_log(log, 2)
     assert log.read_text() == '{"step": 1}\n{"step": 2}\n'
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, smol_tokenizer):
-    path = tmp_path_factory.mktemp("tiny-chat-model")
-    tiny_chat_model(smol_tokenizer).save_pretrained(path)
-    smol_tokenizer.save_pretrained(path)
-    return path
 
 
 def tiny_run(model_dir, out, *extra):

