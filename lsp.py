@@ -61,14 +61,14 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
 from judge_prompts import CHALLENGER_PROMPT, QUALITY_PROMPT, REWARD_PROMPT
 from run_machinery import (add_run_options, call_reward_function, chat_ids, chat_prompt,
                            check_model_names, check_ranges, check_run_dir, checkpoints,
-                           curriculum_metrics, default_device, dev_accuracy, episode_records,
-                           exit_if_too_big, exit_unloadable, finish_processes, game_options,
-                           gather_iteration, init_processes, load_game, load_reward_function,
-                           load_training_state, log_step, make_optimizer, open_logs,
-                           parse_with_resume, problem_key, rank, read_instructions, resolve_model,
-                           resume, save_checkpoint, show_example, SkippedUpdates, step_metrics,
-                           StopRequest, sum_gradients, sum_over_processes, training_state,
-                           use_cpu_bf16, world_size)
+                           curriculum_metrics, data_order, default_device, dev_accuracy,
+                           episode_records, exit_if_too_big, exit_unloadable, finish_processes,
+                           game_options, gather_iteration, init_processes, load_game,
+                           load_reward_function, load_training_state, log_step, make_optimizer,
+                           open_logs, parse_with_resume, problem_key, rank, read_instructions,
+                           resolve_model, resume, save_checkpoint, show_example, SkippedUpdates,
+                           step_metrics, StopRequest, sum_gradients, sum_over_processes,
+                           training_state, use_cpu_bf16, world_size)
 
 
 # --- Options ---------------------------------------------------------------------------------
@@ -601,6 +601,7 @@ class SelfPlay:
         self.game = load_game(args.game) if args.game else None
         # the problems the Challenger stated in each of the last --repeat-window steps
         self.recent = collections.deque(maxlen=args.repeat_window)
+        self.steps_done = 0  # iterations run, resumed ones included
         self.fast_sampler = args.fast_sampler == "on" or (
             args.fast_sampler == "auto" and policy.device.type == "cuda")
         # the paper leaves task and template empty ("None") for general instructions
@@ -625,6 +626,7 @@ class SelfPlay:
     def load_state_dict(self, state):
         load_training_state(state, self.optimizer, self.generator)
         self.recent.extend(state.get("recent", []))
+        self.steps_done = state["step"]
 
     @torch.no_grad()
     def greedy_answers(self, queries):
@@ -696,7 +698,9 @@ class SelfPlay:
     def step(self):
         """One iteration of Algorithm 1: (metrics dict, one episode dict per query)."""
         with torch.autocast("cpu", torch.bfloat16, enabled=self.cpu_bf16):  # deviation 7
-            return self.iteration()
+            result = self.iteration()
+        self.steps_done += 1
+        return result
 
     def iteration(self):
         args, group, times = self.args, self.args.num_generations, {}
@@ -711,8 +715,10 @@ class SelfPlay:
         #    baseline) and there is no Challenger loss. Under torchrun, N / K per process.
         mine = args.num_queries // world_size()
         if self.dataset:
-            picks = torch.randint(len(self.dataset), (mine,), generator=self.generator,
-                                  device=self.generator.device)
+            # every run of this seed reads the same queries step by step (`data_order`): arms
+            # of a comparison are paired, and a resumed run reads what it would have read
+            read = self.steps_done * args.num_queries + rank() * mine
+            picks = data_order(len(self.dataset), args.seed, read + mine)[read:]
             query_tokens = []
             queries = [self.dataset[i] for i in picks.tolist()]
             statuses = ["ok"] * mine
@@ -798,6 +804,7 @@ class SelfPlay:
         answered_rows = (rewards[valid], None if quality is None else quality[valid],
                          solver_advantages[valid])
         metrics = {"loss": loss, "grad_norm": grad_norm,
+                   "grad_clipped": float(grad_norm > args.max_grad_norm),
                    "update_skipped": float(not math.isfinite(loss + grad_norm))}
         metrics.update(step_metrics(statuses, *answered_rows, challenger_advantages,
                                     seq_kl / lengths, lengths, written, clipped, judged))

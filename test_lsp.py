@@ -590,6 +590,12 @@ def test_selfplay_step_runs_every_stage_with_a_tiny_model(tmp_path, smol_tokeniz
     assert metrics.get("kl", 1.0) > 0  # after one update the policy has left the reference
 
 
+def test_each_step_logs_whether_clipping_bound(tmp_path, smol_tokenizer):
+    for max_grad_norm, bound in (("1e-9", 1.0), ("1e9", 0.0)):
+        metrics, _ = tiny_selfplay(tmp_path, smol_tokenizer, "--max-grad-norm", max_grad_norm).step()
+        assert metrics["grad_clipped"] == bound and metrics["grad_norm"] > 1e-9  # the norm before clipping
+
+
 def test_lsp_zero_step_has_no_self_reward(tmp_path, smol_tokenizer, capsys):
     metrics, episodes = tiny_selfplay(tmp_path, smol_tokenizer, "--no-self-reward").step()
     answered = [e for e in episodes if e["query_status"] == "ok"]
@@ -1150,6 +1156,27 @@ def test_queries_from_a_file_train_the_solver_alone(tmp_path, smol_tokenizer, mo
     assert "kl_challenger" not in metrics and "query_length" not in metrics and metrics["query_invalid_rate"] == 0
     again = tiny_selfplay(tmp_path, smol_tokenizer, "--queries", str(path), "--no-self-reward").step()[1]
     assert [e["query"] for e in again] == [e["query"] for e in episodes]  # drawn with the seeded generator
+
+
+def test_data_runs_of_one_seed_read_the_same_queries_step_by_step_whatever_else_differs(tmp_path, smol_tokenizer):
+    path = tmp_path / "queries.txt"
+    rows = [f"What is {i} + {i}?" for i in range(5)]
+    path.write_text("".join(row + "\n" for row in rows))
+
+    def queries_read(*extra, steps=3, resumed_at=0):
+        selfplay = tiny_selfplay(tmp_path, smol_tokenizer, "--queries", str(path), "--no-self-reward", *extra)
+        if resumed_at:  # what a checkpoint of step `resumed_at` restores
+            selfplay.load_state_dict({"step": resumed_at, **selfplay.state_dict()})
+        return [[e["query"] for e in selfplay.step()[1]] for _ in range(steps)]
+    # 3 queries a step from 5 rows: passes of a seeded permutation, end to end
+    expected = [rows[i] for i in run_machinery.data_order(5, 0, 9).tolist()]
+    expected = [expected[0:3], expected[3:6], expected[6:9]]
+    assert queries_read() == expected
+    # other sampling, clipping and learning rate: other answers, the same queries
+    assert queries_read("--temperature", "0.5", "--max-grad-norm", "1e9", "--learning-rate", "1e-2") == expected
+    assert queries_read(steps=1, resumed_at=2) == expected[2:]
+    assert queries_read("--seed", "1") != expected
+    assert sorted(expected[0] + expected[1][:2]) == sorted(rows)  # a pass reads every row once
 
 
 def test_a_query_file_that_cannot_serve_is_refused_with_the_options(tmp_path):
