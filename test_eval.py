@@ -447,3 +447,86 @@ def test_curriculum_sums_up_what_a_game_runs_challenger_wrote(tmp_path, capsys):
     assert (summary["difficulty_first"], summary["difficulty_last"]) == (2.0, 4.0)
     assert (summary["steps_at_the_edge"], summary["steps_answered"]) == (1, 2)
     assert "3 valid problems, 2 distinct (67%)" in capsys.readouterr().out
+
+
+# --- paired seeds (seeds.py) ---------------------------------------------------------------------
+
+FAKE_TRAINER = '''
+import argparse, json, pathlib, sys
+parser = argparse.ArgumentParser()
+for name in ("--seed", "--steps", "--save-every", "--keep"):
+    parser.add_argument(name, type=int)
+parser.add_argument("--out")
+parser.add_argument("--right", type=int)  # the arm's held-out score at its last step, less the seed
+parser.add_argument("--fail", action="store_true")
+args = parser.parse_args()
+if args.fail:
+    sys.exit("boom")
+out = pathlib.Path(args.out)
+out.mkdir(parents=True, exist_ok=True)
+with open(out.parent / "runs.txt", "a") as runs:
+    runs.write(" ".join(sys.argv[1:]) + "\\n")
+(out / "config.json").write_text(json.dumps({"game": "arith_game.py"}))
+lines = [{"step": s, "time/step": 2.0, "grad_clipped": 1.0, "frac_reward_zero_std": 0.25,
+          **({"dev_accuracy": s / 100 + args.seed / 10} if s % 5 == 0 else {})}
+         for s in range(1, args.steps + 1)]
+(out / "metrics.jsonl").write_text("".join(json.dumps(line) + "\\n" for line in lines))
+for step in range(args.save_every, args.steps + 1, args.save_every):
+    checkpoint = out / f"checkpoint-{step:06d}"
+    checkpoint.mkdir(exist_ok=True)
+    right = args.right - args.seed - (args.steps - step)
+    (checkpoint / "score.json").write_text(json.dumps({"sums": [right // 2, 32], "all": [right, 64]}))
+'''
+
+
+def fake_score(argv):
+    """eval.py score, answered from the score a fake run left in its checkpoint."""
+    model = Path(argv[argv.index("--model") + 1])
+    return {level: (right, n, right / n, 0, 1)
+            for level, (right, n) in json.loads((model / "score.json").read_text()).items()}
+
+
+def test_seeds_runs_each_arm_and_seed_once_and_prints_the_paired_comparison(tmp_path, monkeypatch, capsys):
+    import seeds
+    trainer = tmp_path / "trainer.py"
+    trainer.write_text(FAKE_TRAINER)
+    monkeypatch.setattr(evaluation, "main", fake_score)
+    argv = ["--seeds", "0", "1", "2", "--steps", "5", "10", "--out", str(tmp_path / "cmp"),
+            "--arm", "base", f"{sys.executable} {trainer} --right 30",
+            "--arm", "better", f"{sys.executable} {trainer} --right 40"]
+    scores = seeds.main(argv)
+    runs = (tmp_path / "cmp" / "base" / "runs.txt").read_text().splitlines()
+    assert sorted(runs) == sorted(f"--right 30 --seed {s} --out {tmp_path / 'cmp' / 'base' / f'seed-{s}'} "
+                                  "--steps 10 --save-every 5 --keep 2" for s in (0, 1, 2))
+    assert [scores[10]["better"][s]["all"][0] for s in (0, 1, 2)] == [40, 39, 38]
+    assert [scores[5]["base"][s]["all"][0] for s in (0, 1, 2)] == [25, 24, 23]
+    printed = capsys.readouterr().out
+    # per seed, then the mean and its t-interval: 39 +- 4.303 * 1 / sqrt(3)
+    assert "| better | all | 40 | 39 | 38 | 39.0 ± 2.5 |" in printed
+    # every seed +10 over the first arm: no spread, so 2 seeds would already tell
+    assert "| better | +10 | +10 | +10 | 10.0 ± 0.0 | 2 |" in printed
+    assert "| 5 | 0.150 ± 0.248 | 0.150 ± 0.248 |" in printed  # the dev curve, mean over seeds
+    assert "| base | 2.0 | 1.00 | 0.25 |" in printed
+    seeds.main(argv)  # every run is done and scored: nothing runs again
+    assert len((tmp_path / "cmp" / "base" / "runs.txt").read_text().splitlines()) == 3
+
+
+def test_seeds_stops_with_the_log_of_an_arm_that_fails(tmp_path, capsys):
+    import seeds
+    trainer = tmp_path / "trainer.py"
+    trainer.write_text(FAKE_TRAINER)
+    with pytest.raises(SystemExit, match="failed for seed 0; see .*seed-0.log"):
+        seeds.main(["--seeds", "0", "--steps", "2", "--out", str(tmp_path / "cmp"),
+                    "--arm", "broken", f"{sys.executable} {trainer} --fail"])
+    assert "boom" in (tmp_path / "cmp" / "broken" / "seed-0.log").read_text()
+    with pytest.raises(SystemExit):
+        seeds.main(["--steps", "2", "--out", "x", "--arm", "a b", "cmd"])
+    assert "must be distinct words" in capsys.readouterr().err
+
+
+def test_seeds_statistics_on_worked_numbers():
+    import seeds
+    assert doctest.testmod(seeds).failed == 0
+    mean, half_width = seeds.mean_interval([1, 2, 3])
+    assert mean == 2 and half_width == pytest.approx(4.303 * 1 / 3 ** 0.5)
+    assert seeds.seeds_needed([0, 1, -1]) is None  # a mean of 0 is never told from 0

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).parent
-PRODUCT_FILES = ["lsp.py", "run_machinery.py", "judge_prompts.py", "eval.py", "bench.py",
+PRODUCT_FILES = ["lsp.py", "run_machinery.py", "judge_prompts.py", "eval.py", "seeds.py", "bench.py",
                  "bench_trl.py", "spin.py", "arith_game.py"]
 PROJECT_MODULES = {Path(name).stem for name in PRODUCT_FILES} | {"conftest"}
 COMMIT_HASH = re.compile(r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]{7,40}\b")
