@@ -34,7 +34,7 @@ Presets:
 Run (offline: HF_HUB_OFFLINE=1; options after `--` go to the trainer):
     OMP_WAIT_POLICY=PASSIVE python bench.py --preset cpu
     OMP_WAIT_POLICY=PASSIVE python bench.py --preset game --against REV   # REV: a git revision
-    python bench.py --against trl   # the data baseline, here and in TRL (bench_trl.py)
+    python bench.py --against trl --steps 25 --seeds 0 1 2   # the data baseline, here and in TRL
     python bench.py --preset gpu
     python bench.py --preset gpu -- --offload-frozen --gradient-checkpointing
 
@@ -375,6 +375,10 @@ def parse_options(argv):
     parser.add_argument("--against", metavar="REV",
                         help="also time the iteration of lsp.py at this git revision; trl: "
                         "the data baseline against TRL's GRPOTrainer (bench_trl.py)")
+    parser.add_argument("--steps", type=int, nargs="+", default=[10],
+                        help="with --against trl: score both trainers after these steps")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="with --against trl: paired seeds")
     parser.add_argument("trainer_options", nargs="*",
                         help="after --: options for lsp.py, e.g. -- --load-in-4bit")
     return parser.parse_args(argv)
@@ -487,7 +491,8 @@ def bench_iteration(args, trainer_argv, options, device, workdir):
 def main(argv=None):
     options = parse_options(argv)
     if options.against == "trl":
-        return bench_trl.main([])
+        return bench_trl.main(["--steps", *map(str, options.steps),
+                               "--seeds", *map(str, options.seeds)])
     preset, device = PRESETS[options.preset], run_machinery.default_device()
     transformers.logging.set_verbosity_error()  # the reward head is new by design: no warning
     transformers.logging.disable_progress_bar()

@@ -78,7 +78,13 @@ def test_peak_in_use_keeps_the_highest_reading_of_a_block_not_its_last(monkeypat
 def test_the_trl_comparison_gives_trl_the_same_work(tmp_path):
     pytest.importorskip("trl")
     import bench_trl
-    work = bench_trl.settings(SimpleNamespace(model="m", queries="q.txt", steps=5))
+    import lsp
+    import run_machinery
+    queries = tmp_path / "q.txt"
+    queries.write_text("".join(f"What is {i} + 1?\n" for i in range(7)))
+    work = bench_trl.settings(SimpleNamespace(model="m", queries=str(queries), steps=[5, 2]), seed=3)
+    assert (work["steps"], work["save_at"], work["seed"]) == (5, [2, 5], 3)
+    assert work["max_grad_norm"] == lsp.parse_args(["--model", "smollm2"]).max_grad_norm  # lsp.py's default
     config = bench_trl.trl_config(work, str(tmp_path))
     answers = work["num_queries"] * work["num_generations"]
     # one generation of N x G answers per optimizer step, trained in micro-batches
@@ -89,8 +95,16 @@ def test_the_trl_comparison_gives_trl_the_same_work(tmp_path):
     assert config.max_completion_length == work["max_completion_length"]
     assert config.scale_rewards == "none" and config.lr_scheduler_type == "constant"
     assert not config.gradient_checkpointing and not config.bf16
-    # dr_grpo's loss is ours / max_completion_length: the same clipping needs the same factor
+    # dr_grpo's gradient is ours / max_completion_length: the same clipping and Adam eps need the same
+    # factor, and its KL term is k3 only without the bias correction
     assert config.max_grad_norm * config.max_completion_length == work["max_grad_norm"]
+    assert config.adam_epsilon * config.max_completion_length == pytest.approx(1e-8)
+    assert config.use_bias_correction_kl is False and config.loss_type == "dr_grpo"
+    # TRL reads, unshuffled, the queries lsp.py reads step by step with this seed
+    assert config.shuffle_dataset is False
+    rows = queries.read_text().splitlines()
+    lsp_reads = [rows[i] for i in run_machinery.data_order(7, 3, 5 * 4).tolist()]
+    assert bench_trl.ordered_queries(work) == lsp_reads
 
 
 def test_the_trl_comparison_without_trl_says_how_to_install_it(monkeypatch):
@@ -98,3 +112,22 @@ def test_the_trl_comparison_without_trl_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "trl", None)  # makes `import trl` raise ImportError
     with pytest.raises(SystemExit, match="pip install trl"):
         bench.main(["--against", "trl"])
+
+
+def test_the_trl_comparison_runs_paired_seeds_end_to_end_on_a_tiny_model(tiny_model_dir, capsys):
+    pytest.importorskip("trl")
+    import bench_trl
+    results = bench_trl.main(["--model", str(tiny_model_dir), "--steps", "1", "2", "--seeds", "0", "1"])
+    for seed in (0, 1):
+        ours, theirs = results["ours", seed], results["trl", seed]
+        # both read the seed's queries, 4 a step, in the same order
+        assert ours["queries"] == theirs["queries"] and [len(q) for q in ours["queries"]] == [4, 4]
+        for result in (ours, theirs):
+            assert len(result["steps"]) == len(result["clipped"]) == len(result["no_signal"]) == 2
+            assert sorted(result["heldout"]) == [1, 2] and result["heldout"][2]["all"] <= 320
+    assert results["ours", 0]["queries"] != results["ours", 1]["queries"]
+    printed = capsys.readouterr().out
+    assert "the same queries step by step in both trainers, every seed: True" in printed
+    assert re.search(r"^\| held-out, all \| ours \| \d+ \| \d+ \| \d+", printed, re.MULTILINE)
+    assert re.search(r"^\| held-out, all, step 1 \| TRL [\d.]+ \| \d+ \| \d+ \|", printed, re.MULTILINE)
+    assert "steps whose gradient was clipped" in printed and "UNMATCHED" not in printed
