@@ -1,20 +1,19 @@
-"""
-Measure the LSP trainer's speed and memory, and print one markdown table (docs/performance.md).
+"""Measure the LSP trainer's speed and memory, and print one markdown table (docs/performance.md).
 
-    1. Sampler tokens/s: our `lsp.sample`, eager and fast (`fast=True`: static KV cache, CUDA
-       graphs on a GPU), against `model.generate`, side by side in one run, on the same model
-       and the same left-padded batch of chat prompts of different lengths. All are greedy and
-       produce exactly the preset's number of new tokens per row: our sampler gets no stop
-       ids, `generate` gets min_new_tokens. One warm-up (its time is shown for the fast
+    1. Sampler tokens/s: our `lsp.sample`, eager, and fast (`forward.sample_fast`: static KV
+       cache, CUDA graphs on a GPU), against `model.generate`, side by side in one run, on the
+       same model and the same left-padded batch of chat prompts of different lengths. All are
+       greedy and produce exactly the preset's number of new tokens per row: our samplers get
+       no stop ids, `generate` gets min_new_tokens. One warm-up (its time is shown for the fast
        sampler, which compiles then on a GPU), then the best of --repeats rounds; the samplers
        alternate, so none gets a quieter machine. Only generated tokens count. On a GPU also
        the memory-bandwidth floor: tokens/s <= batch * bandwidth / (weight + KV cache bytes).
     2. One LSP iteration (`lsp.SelfPlay.step`) by phase: challenger, solver, reward, judge,
-       update, and the total, the best of --repeats iterations after a warm-up one, with the
-       trainer's own options (`lsp.parse_args`). Every sequence runs to its length limit and
-       every query is valid: the worst case, which a time and memory budget must hold, and
-       what random weights need to get past step 1. With --against REV the iteration of
-       lsp.py at git revision REV runs too (the same options, its own models, float32 on a
+       reference, update, and the total, the best of --repeats iterations after a warm-up one,
+       with the trainer's own options (`lsp.parse_args`). Every sequence runs to its length
+       limit and every query is valid: the worst case, which a time and memory budget must
+       hold, and what random weights need to get past step 1. With --against REV the iteration
+       of lsp.py at git revision REV runs too (the same options, its own models, float32 on a
        CPU); the versions alternate round by round, and the table gives their ratio.
     3. Peak memory: on CUDA the largest `torch.cuda.max_memory_allocated()` of each part, and
        the most memory in use on the device (`torch.cuda.mem_get_info`, polled by
@@ -43,18 +42,22 @@ other and lose their cores; OMP_WAIT_POLICY=PASSIVE avoids it, and the table sho
 """
 
 import argparse
+import contextlib
 import copy
 import functools
-import importlib.util
+import importlib
+import io
 import os
 import platform
 import re
 import resource
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
+import unittest.mock
 from pathlib import Path
 
 import torch
@@ -65,7 +68,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerF
 import arith_game
 import bench_trl
 import lsp
-import run_machinery
+from machinery import devices, forward, inputs
 
 HERE = Path(__file__).parent
 LLAMA_3B = dict(hidden_size=3072, num_hidden_layers=28, num_attention_heads=24,
@@ -264,7 +267,7 @@ def chat_prompts(tokenizer, batch, shortest, longest):
     spread, so the batch is left-padded; each row starts at a different word."""
     text_ids = tokenizer(lsp.__doc__, add_special_tokens=False).input_ids
     lengths = torch.linspace(shortest, longest, batch).round().int().tolist()
-    return [run_machinery.chat_prompt(tokenizer, tokenizer.decode(text_ids[row:row + n]))
+    return [inputs.chat_prompt(tokenizer, tokenizer.decode(text_ids[row:row + n]))
             for row, n in enumerate(lengths)]
 
 
@@ -281,8 +284,8 @@ def compare_samplers(model, prompts, new_tokens, repeats):
 
     runs = {
         "lsp.sample": lambda: lsp.sample(model, prompts, new_tokens, [], temperature=0)[0],
-        "lsp.sample fast": lambda: lsp.sample(model, prompts, new_tokens, [], temperature=0,
-                                              fast=True)[0],
+        "lsp.sample fast": lambda: forward.sample_fast(model, prompts, new_tokens, [],
+                                                       temperature=0)[0],
         "model.generate": generate,
     }
     best = {name: float("inf") for name in runs}
@@ -314,46 +317,56 @@ def bandwidth_floor(model, batch, context, bandwidth):
     return batch * bandwidth / (weight_bytes + batch * context * kv_bytes_per_token)
 
 
-def worst_case(selfplay):
-    """Make every sequence run to its length limit and every query count as valid.
+def read_any_query(tokenizer, tokens, *_):
+    """`lsp.read_query` for the worst case: whatever was sampled is a valid query."""
+    return tokenizer.decode(tokens, skip_special_tokens=True), "ok"
+
+
+@contextlib.contextmanager
+def worst_case(selfplay, module):
+    """Make every sequence run to its length limit and every query count as valid, while the
+    block runs; `module` is the lsp module that made `selfplay`.
 
     Random weights would otherwise never stop a query, the step would count them all as
     truncated and return after the Challenger; real weights would make the work vary from run
     to run. The longest sequences are also what a time and memory budget must hold.
     """
-    selfplay.stop_ids = selfplay.query_stop_ids = []
-
-    def read_query(tokenizer, tokens, *_):
-        return tokenizer.decode(tokens, skip_special_tokens=True), "ok"
-    selfplay.read_query = read_query
-    if selfplay.reward_function:
+    scorers = getattr(selfplay, "scorers", selfplay)  # older lsp.py: SelfPlay held the scorers
+    selfplay.stop_ids = selfplay.query_stop_ids = scorers.stop_ids = []
+    if scorers.reward_function:
         # it would find no problem in text that runs on: score every pair (any value times alike)
-        selfplay.reward_function = lambda queries, answers: [float(len(a) % 2) for a in answers]
+        scorers.reward_function = lambda queries, answers: [float(len(a) % 2) for a in answers]
+    if "read_query" in vars(type(selfplay)):  # older lsp.py read queries through this hook
+        selfplay.read_query = read_any_query
+    with unittest.mock.patch.object(module, "read_query", read_any_query):
+        yield
+
+
+OWN_MODULES = ("lsp", "judge_prompts", "run_machinery", "machinery")
+
+
+def own_modules():
+    return [name for name in sys.modules if name.split(".")[0] in OWN_MODULES]
 
 
 def lsp_at(revision, directory):
-    """lsp.py as it was at a git revision, imported as its own module: the "before" of a
-    side-by-side comparison, with run_machinery.py of that revision where it had one."""
-    modules = {}
-    for name in ("run_machinery", "lsp"):
-        shown = subprocess.run(["git", "show", f"{revision}:{name}.py"], cwd=HERE,
-                               capture_output=True, text=True)
-        if shown.returncode and name == "lsp":
-            sys.exit(f"error: --against {revision}: {shown.stderr.strip() or 'git failed'}")
-        if shown.returncode:  # before run_machinery.py existed
-            continue
-        path = Path(directory) / f"{name}_before.py"
-        path.write_text(shown.stdout)
-        spec = importlib.util.spec_from_file_location(f"{name}_before", path)
-        modules[name] = importlib.util.module_from_spec(spec)
-        # while it runs, `import run_machinery` inside it finds the old one
-        now = sys.modules.get("run_machinery")
-        sys.modules["run_machinery"] = modules.get("run_machinery", now)
-        try:
-            spec.loader.exec_module(modules[name])
-        finally:
-            sys.modules["run_machinery"] = now
-    return modules["lsp"]
+    """lsp.py as it was at a git revision, with the modules it imported at that revision: the
+    "before" of a side-by-side comparison. Today's modules are back in place when it returns."""
+    archive = subprocess.run(["git", "archive", revision], cwd=HERE, capture_output=True)
+    if archive.returncode:
+        sys.exit(f"error: --against {revision}: {archive.stderr.decode().strip() or 'git failed'}")
+    tree = Path(directory) / "before"
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as files:
+        files.extractall(tree, filter="data")
+    today = {name: sys.modules.pop(name) for name in own_modules()}
+    sys.path.insert(0, str(tree))
+    try:
+        return importlib.import_module("lsp")
+    finally:
+        sys.path.remove(str(tree))
+        for name in own_modules():
+            del sys.modules[name]
+        sys.modules.update(today)
 
 
 def row(name, value):
@@ -439,7 +452,7 @@ def time_iterations(selfplays, repeats, device):
 def bench_iteration(args, trainer_argv, options, device, workdir):
     if args.reward_model == "self":
         reward = "self-judged"
-    elif run_machinery.REWARD_FUNCTION.fullmatch(args.reward_model):
+    elif inputs.REWARD_FUNCTION.fullmatch(args.reward_model):
         reward = "reward function"
     else:
         reward = "reward model of the same shape"
@@ -452,20 +465,21 @@ def bench_iteration(args, trainer_argv, options, device, workdir):
     versions = {"now": lsp}
     if options.against:
         versions[before] = lsp_at(options.against, workdir)
-    selfplays = {}
+    selfplays, worst_cases = {}, contextlib.ExitStack()
     for version, module in versions.items():  # each version loads its own models
         run_dir = os.path.join(workdir, f"run-{len(selfplays)}")
         selfplays[version], _ = module.start(module.parse_args([*trainer_argv, "--out", run_dir]))
-        worst_case(selfplays[version])
+        worst_cases.enter_context(worst_case(selfplays[version], module))
     if options.against and device.type == "cpu":
         selfplays[before].cpu_bf16 = False  # the float32 path, where the CPU has bf16 too
     try:
-        results, peaks = time_iterations(selfplays, options.repeats, device)
+        with worst_cases:
+            results, peaks = time_iterations(selfplays, options.repeats, device)
     except torch.OutOfMemoryError:
         return row("LSP iteration", "out of GPU memory; " + peak_memory(device))
     for version, (metrics, total) in results.items():
         # no judge phase with --no-self-reward, no offload without --offload-frozen
-        for phase in ("challenger", "solver", "reward", "judge", "update", "offload"):
+        for phase in ("challenger", "solver", "reward", "judge", "reference", "update", "offload"):
             if f"time/{phase}" not in metrics:
                 continue
             note = ""
@@ -482,10 +496,10 @@ def bench_iteration(args, trainer_argv, options, device, workdir):
     target = " (target 22 GiB)" if device.type == "cuda" else ""
     row("peak memory, LSP iteration", peaks["now"] + target)
     # the trainer's check at start, asked about a GPU with no memory, says what it estimates
-    problem = run_machinery.memory_problem(args, selfplays["now"].policy, 0,
-                                           lsp.LOGPROB_CHUNK_TOKENS)
+    problem = devices.memory_problem(args, selfplays["now"].policy, 0,
+                                           forward.LOGPROB_CHUNK_TOKENS)
     estimate = re.search(r"need about ([\d.]+ GiB)", problem).group(1)
-    row("memory check's estimate on a GPU (run_machinery.memory_problem)", estimate)
+    row("memory check's estimate on a GPU (devices.memory_problem)", estimate)
 
 
 def main(argv=None):
@@ -493,7 +507,7 @@ def main(argv=None):
     if options.against == "trl":
         return bench_trl.main(["--steps", *map(str, options.steps),
                                "--seeds", *map(str, options.seeds)])
-    preset, device = PRESETS[options.preset], run_machinery.default_device()
+    preset, device = PRESETS[options.preset], devices.default_device()
     transformers.logging.set_verbosity_error()  # the reward head is new by design: no warning
     transformers.logging.disable_progress_bar()
     workdir = tempfile.TemporaryDirectory()

@@ -1,5 +1,4 @@
-"""
-This trainer against TRL's GRPOTrainer, side by side on the same work, over paired seeds: the
+"""This trainer against TRL's GRPOTrainer, side by side on the same work, over paired seeds: the
 arithmetic game's data baseline (`lsp.py --queries`), which is what most people run with TRL.
 
     python bench.py --against trl                            # 10 steps, seed 0
@@ -41,7 +40,7 @@ import torch
 import transformers
 
 import eval as evaluation  # an alias: `eval` would shadow the builtin
-from run_machinery import data_order
+from machinery.inputs import data_order
 from seeds import mean_interval, show
 
 HERE = Path(__file__).parent
@@ -94,8 +93,8 @@ def trl_config(work, out):
 
 def ordered_queries(work):
     """The queries of every step, in order: what lsp.py reads with --queries and this seed."""
-    import run_machinery
-    queries = run_machinery.read_instructions(work["queries"])
+    from machinery import inputs
+    queries = inputs.read_instructions(work["queries"])
     order = data_order(len(queries), work["seed"], work["steps"] * work["num_queries"])
     return [queries[i] for i in order.tolist()]
 
@@ -117,7 +116,8 @@ def train_ours(work, out):
               "--cpu-bf16", "off", "--eval-every", "0", "--log-every", str(work["steps"]),
               "--save-every", str(every), "--keep", str(work["steps"] // every), "--out", out])
     steps = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    episodes = [json.loads(line) for line in (Path(out) / "episodes.jsonl").read_text().splitlines()]
+    episodes_file = Path(out) / "episodes.jsonl"
+    episodes = [json.loads(line) for line in episodes_file.read_text().splitlines()]
     queries = [[episode["query"] for episode in episodes if episode["step"] == step["step"]]
                for step in steps]
     return {"models": {step: str(Path(out) / f"checkpoint-{step:06d}")

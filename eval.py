@@ -1,5 +1,4 @@
-"""
-Evaluation and plots for Language Self-Play: did the self-play make the model better?
+"""Evaluation and plots for Language Self-Play: did the self-play make the model better?
 
     eval   pairwise win rate of a model (e.g. a trainer checkpoint) against a baseline (e.g. the
            model it started from), judged by a language model, in the spirit of the paper's
@@ -61,8 +60,10 @@ from transformers import AutoModelForCausalLM
 
 import lsp
 from judge_prompts import EVAL_INSTRUCTIONS, PAIRWISE_PROMPT
-from run_machinery import (call_reward_function, chat_prompt, default_device, load_game,
-                           problem_key, read_instructions, read_jsonl)
+from machinery.devices import default_device
+from machinery.inputs import (call_reward_function, chat_prompt, load_game, problem_key,
+                              read_instructions)
+from machinery.logs import read_jsonl
 
 
 # --- Options ---------------------------------------------------------------------------------

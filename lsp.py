@@ -1,5 +1,4 @@
-"""
-Language Self-Play (LSP): reinforcement learning for a language model with no training data.
+"""Language Self-Play (LSP): reinforcement learning for a language model with no training data.
 
 Kuba et al., "Language Self-Play For Data-Free Training", arXiv 2509.07414. One model plays
 two roles, chosen only by the prompt. As the Challenger it writes an instruction meant to be
@@ -9,9 +8,9 @@ One policy-gradient step then makes the Solver better and the Challenger harder,
 penalty keeps both roles close to the frozen reference model.
 
 One iteration (Algorithm 1, `SelfPlay.iteration`):
-    1. the Challenger samples N queries q_i           (challenger prompt -> q_i)
-    2. the Solver samples G answers a_i^j per query   (q_i as a user turn -> a_i^j)
-    3. rewards R(q_i, a_i^j) and, in LSP, R_Q(q_i, a_i^j) from the frozen judge
+    1. the Challenger samples N queries q_i           (`SelfPlay.write_queries`)
+    2. the Solver samples G answers a_i^j per query   (`SelfPlay.answer`)
+    3. rewards R(q_i, a_i^j) and, in LSP, R_Q(q_i, a_i^j) from the frozen judge (`Scorers`)
     4. group-relative advantages                       (Eq. advantages, `lsp_advantages`)
     5. one gradient step on L = L_Sol + alpha_Ch L_Ch  (Eq. loss, `policy_update`)
 
@@ -36,6 +35,9 @@ Deviations from the paper, and choices where it is silent (docs/method.md says w
        answers but not all (Absolute Zero), less a penalty, not centred, for repeats within the
        step and of the last --repeat-window steps' problems.
 
+This file is the algorithm, top to bottom. The support code a reader can skip (options for
+precision, memory and the run, checkpoints, logs, torchrun, the fast sampler) is in machinery/.
+
 Run:
     python lsp.py --game arith_game.py --out runs/game   # SmolLM2 learns arithmetic on a CPU
     python lsp.py --steps 1500 --out runs/llama3b   # Llama-3.2-3B on a GPU (24 GB: see README)
@@ -53,43 +55,42 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
-                          AutoTokenizer, BitsAndBytesConfig, DynamicCache, StaticCache)
+                          AutoTokenizer, BitsAndBytesConfig, DynamicCache)
 
 from judge_prompts import CHALLENGER_PROMPT, QUALITY_PROMPT, REWARD_PROMPT
-from run_machinery import (add_run_options, call_reward_function, chat_ids, chat_prompt,
-                           check_model_names, check_ranges, check_run_dir, checkpoints,
-                           curriculum_metrics, data_order, default_device, dev_accuracy,
-                           episode_records, exit_if_too_big, exit_unloadable, finish_processes,
-                           game_options, gather_iteration, init_processes, load_game,
-                           load_reward_function, load_training_state, log_step, make_optimizer,
-                           open_logs, parse_with_resume, problem_key, rank, read_instructions,
-                           resolve_model, resume, save_checkpoint, show_example, SkippedUpdates,
-                           step_metrics, StopRequest, sum_gradients, sum_over_processes,
-                           training_state, use_cpu_bf16, world_size)
+from machinery.devices import (Phases, default_device, exit_if_too_big, make_optimizer,
+                               use_cpu_bf16, use_fast_sampler)
+from machinery.distributed import (finish_processes, gather_iteration, init_processes, rank,
+                                   sum_gradients, sum_over_processes, world_size)
+from machinery.forward import (LOGPROB_CHUNK_TOKENS, checkpointed_hidden, logprobs_in_chunks,
+                               pad, pick_tokens, positions_from_mask, prefill, sample_fast,
+                               unpad)
+from machinery.inputs import (call_reward_function, chat_ids, chat_prompt, data_order,
+                              dev_accuracy, exit_unloadable, load_game, load_reward_function,
+                              problem_key, read_instructions, resolve_model)
+from machinery.logs import (curriculum_metrics, episode_records, log_step, open_logs,
+                            show_example, step_metrics)
+from machinery.options import (add_engineering_options, check_engineering_options, check_ranges,
+                               game_options, parse_with_resume)
+from machinery.runs import (SkippedUpdates, StopRequest, checkpoints, load_training_state,
+                            resume, save_checkpoint, training_state)
 
 
-# --- Options ---------------------------------------------------------------------------------
-
-# options that may change when a run resumes: they change neither the models nor the algorithm
-RESUMABLE = {"steps", "log_every", "save_every", "keep", "micro_batch_size", "out", "resume",
-             "gradient_checkpointing", "fast_sampler", "offload_frozen"}
-
+# --- Options: the paper's hyperparameters and the few a learner changes ----------------------
 
 def parse_args(argv=None):
-    """The options, checked before any model loads: a bad one exits with a message."""
+    """The options, checked before any model loads: a bad one exits with a message. Precision,
+    memory, speed and the run directory are machinery/options.py's (`python lsp.py --help`)."""
     parser = argparse.ArgumentParser(description="Language Self-Play trainer (see README.md)")
     arg = parser.add_argument
-    # models
+    # models and rewards
     arg("--model", default="meta-llama/Llama-3.2-3B-Instruct",
-        help="policy: hub id, local path or 'smollm2'")
+        help="policy pi_theta, also the frozen pi_Ref and judge: hub id, local path, 'smollm2'")
     arg("--reward-model", default="Skywork/Skywork-Reward-V2-Llama-3.2-3B",
         help="R: a sequence-classification model, 'self' (the judge) or FILE.py:FUNCTION")
     arg("--no-self-reward", action="store_true", help="no quality self-reward R_Q: LSP-Zero")
-    arg("--load-in-4bit", action="store_true", help="frozen models in NF4 (CUDA)")
-    arg("--offload-frozen", action="store_true", help="frozen models on the CPU between uses")
     arg("--game", help="a game file: its reward, task, template and options (arith_game.py)")
     # the Challenger
     arg("--task", default="", help="task name in the Challenger prompt (empty: free-form)")
@@ -109,53 +110,31 @@ def parse_args(argv=None):
     arg("--max-judge-tokens", type=int, default=256, help="longest judge output")
     arg("--temperature", type=float, default=1.0, help="sampling temperature, both roles")
     arg("--top-p", type=float, default=1.0, help="nucleus sampling, both roles")
-    arg("--fast-sampler", choices=["auto", "on", "off"], default="off",
-        help="static KV cache and CUDA graphs")
     # optimization
     arg("--steps", type=int, default=1500, help="iterations, one optimizer step each")
     arg("--learning-rate", type=float, default=3e-6, help="AdamW learning rate")
-    arg("--beta", type=float, default=0.05, help="weight of the KL penalty")
-    arg("--alpha-ch", type=float, default=1.0, help="weight of the Challenger loss")
+    arg("--beta", type=float, default=0.05, help="beta: weight of the KL penalty")
+    arg("--alpha-ch", type=float, default=1.0, help="alpha_Ch: weight of the Challenger loss")
     arg("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
-    arg("--micro-batch-size", type=int, default=4, help="sequences per forward and backward")
-    arg("--gradient-checkpointing", action="store_true", help="recompute activations")
-    arg("--cpu-bf16", choices=["auto", "on", "off"], default="auto", help="bf16 on a CPU")
-    # the run
-    add_run_options(parser, out="runs/lsp", save_every=100)
-    arg("--log-every", type=int, default=10, help="print an example every this many steps")
-    arg("--eval-every", type=int, default=0, help="score the game's dev sample every K steps")
+    add_engineering_options(parser)
     game = parser.parse_args(argv).game
     if game:  # the game's settings become the defaults; options given here override them
         parser.set_defaults(**game_options(parser, game))
     args = parse_with_resume(parser, argv)
 
     # a group of one would make every group-relative advantage zero
-    counts = ["max_query_tokens", "max_completion_length", "max_judge_tokens", "steps",
-              "micro_batch_size", "log_every", "save_every", "keep", "repeat_window"]
-    at_least = {"num_queries": 2, "num_generations": 2, "eval_every": 0,
-                **dict.fromkeys(counts, 1)}
+    at_least = {"num_queries": 2, "num_generations": 2, **dict.fromkeys(
+        ["max_query_tokens", "max_completion_length", "max_judge_tokens", "steps",
+         "repeat_window"], 1)}
     check_ranges(parser, args, at_least, ["learning_rate", "max_grad_norm", "temperature"])
     if min(args.beta, args.alpha_ch, args.repeat_penalty) < 0:
         parser.error("--beta, --alpha-ch and --repeat-penalty must be >= 0")
-    if args.eval_every and not (args.game and hasattr(load_game(args.game), "dev_set")):
-        parser.error("--eval-every needs a --game whose file has a dev_set() of problems")
     if not 0 < args.top_p <= 1:
         parser.error("--top-p must be in (0, 1]")
     if args.fill_template and len(PLACEHOLDER.findall(args.template)) != 1:
         parser.error("--fill-template needs a --template with exactly one {placeholder}, "
                      f"got {args.template!r}")
-    if args.load_in_4bit and not torch.cuda.is_available():
-        parser.error("--load-in-4bit needs a CUDA GPU (bitsandbytes NF4): drop it on a CPU")
-    if args.load_in_4bit and args.offload_frozen:
-        parser.error("--load-in-4bit and --offload-frozen: two ways to make room for the "
-                     "frozen models, choose one")
-    check_model_names(parser, args, "--model", "--reward-model")
-    if args.num_queries % world_size():
-        parser.error(f"--num-queries {args.num_queries} must be a multiple of the "
-                     f"{world_size()} processes: N is the iteration's, N / K each process's")
-    if args.queries:
-        read_instructions(args.queries)  # exits with a message if the file cannot serve
-    check_run_dir(parser, args, RESUMABLE, "lsp.py")
+    check_engineering_options(parser, args)
     return args
 
 
@@ -190,99 +169,20 @@ def stop_token_ids(model, tokenizer):
 
 # --- Sampling: our own batched sampler with a KV cache ---------------------------------------
 
-def pad(sequences, side, device):
-    """Token lists -> ids [B, L] and mask [B, L], padded on the left or right with id 0.
-
-    Every vocabulary has id 0 and the mask hides it. Never pad with EOS and mask by id: that
-    would hide the real EOS tokens, and the policy would never learn to stop.
-    """
-    rows = [torch.tensor(s, dtype=torch.long) for s in sequences]
-    ones = [torch.ones(len(s), dtype=torch.long) for s in sequences]
-    ids = pad_sequence(rows, batch_first=True, padding_side=side)
-    mask = pad_sequence(ones, batch_first=True, padding_side=side)
-    return ids.to(device), mask.to(device)
-
-
-def positions_from_mask(attention_mask):
-    # [B, L]: counted from each row's first real token, so left padding changes nothing
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def pick_tokens(logits, temperature, top_p, generator):
-    """The next token of each row from logits [B, V]: greedy at temperature 0."""
-    if temperature == 0:
-        return logits.argmax(-1)  # [B]
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [B, V]
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)  # [B, V]
-        # drop a token once the likelier ones before it hold top_p of the mass
-        sorted_probs[sorted_probs.cumsum(-1) - sorted_probs > top_p] = 0
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    # inverse CDF: one uniform number per row (torch.multinomial draws one per vocabulary
-    # entry, 30x slower on a CPU); float64 keeps tiny probabilities
-    cdf = probs.double().cumsum(-1)  # [B, V]
-    uniform = torch.rand(len(cdf), 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
-    draws = (1 - uniform) * cdf[:, -1:]  # [B, 1], in (0, total]: never a token of probability 0
-    return torch.searchsorted(cdf, draws).squeeze(-1)  # [B]
-
-
-@functools.cache
-def decoder(device_type):
-    """The fast sampler's forward: compiled for CUDA graphs on a GPU, eager on a CPU (where
-    compiling gained nothing)."""
-    if device_type != "cuda":
-        return lambda model, **inputs: model(**inputs)
-    # a model that does not compile decodes eagerly: the run goes on
-    torch._dynamo.config.suppress_errors = True
-    return torch.compile(lambda model, **inputs: model(**inputs), mode="reduce-overhead")
-
-
-def prefill(model, prompts, cache):
-    """Run each distinct prompt once into `cache`, then copy its cache to the rows holding it.
-
-    The Challenger's N rows share one prompt, and a query's G answers another. Returns the
-    last hidden state of each row [B, H] and its prompt mask [B, P].
-    """
-    unique = {prompt: i for i, prompt in enumerate(dict.fromkeys(map(tuple, prompts)))}
-    rows = torch.tensor([unique[tuple(p)] for p in prompts], device=model.device)  # [B]
-    prompt_ids, prompt_mask = pad(list(unique), "left", model.device)  # [U, P]
-    output = model.base_model(input_ids=prompt_ids, attention_mask=prompt_mask,
-                              position_ids=positions_from_mask(prompt_mask),
-                              cache=cache, use_cache=True)
-    hidden = output.last_hidden_state[rows, -1]  # [B, H]
-    if len(unique) < len(prompts):
-        # index_select: gradients flow back to the shared prompt's keys and values
-        cache.reorder_cache(rows)
-    return hidden, prompt_mask[rows]
-
-
 @torch.no_grad()
 def sample(model, prompts, max_new_tokens, stop_ids, temperature=1.0, top_p=1.0,
-           generator=None, fast=False, sync_every=None):
+           generator=None):
     """Sample a completion for each prompt (token-id lists of any lengths).
 
     Returns completion_ids [B, T] and completion_mask [B, T], T <= max_new_tokens. The mask is
-    1 up to and including each row's stop token, so the loss also teaches when to stop.
-    fast=True gives the same tokens from a static KV cache with fixed shapes, for CUDA graphs.
-    Whether all rows stopped is asked every sync_every tokens: 16 on CUDA by default, else 1.
+    1 up to and including each row's stop token, so the loss also teaches when to stop. Each
+    distinct prompt runs once (`prefill`); a row that stopped gets padding (id 0, mask 0).
+    machinery/forward.py's `sample_fast` gives the same tokens from fixed shapes.
     """
-    # the cache holds the longest sequence, rounded up to 64 tokens: few shapes to compile
-    length = -(-(max(map(len, prompts)) + max_new_tokens) // 64) * 64
-    if fast:
-        cache = StaticCache(config=model.config, max_cache_len=length)
-    else:
-        cache = DynamicCache(config=model.config)
-    hidden, prompt_mask = prefill(model, prompts, cache)  # [B, H], [B, P]
+    cache = DynamicCache(config=model.config)
+    hidden, attention_mask = prefill(model, prompts, cache)  # [B, H], [B, P]
     logits = model.lm_head(hidden)  # [B, V]
-    if fast:  # copied to the rows: CUDA graphs need the new addresses marked as fixed
-        for layer in cache.layers:
-            torch._dynamo.mark_static_address(layer.keys)
-            torch._dynamo.mark_static_address(layer.values)
-    new_columns = prompt_mask.new_ones(len(prompts), length - prompt_mask.shape[1])
-    attention_mask = torch.cat([prompt_mask, new_columns], 1)  # [B, L]
-    forward = functools.partial(decoder(model.device.type), model) if fast else model
-    sync_every = sync_every or (16 if model.device.type == "cuda" else 1)
-    positions = prompt_mask.sum(-1, keepdim=True)  # [B, 1]: where each first new token stands
+    positions = attention_mask.sum(-1, keepdim=True)  # [B, 1]: where each first new token stands
     stop = torch.tensor(stop_ids, device=model.device)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=model.device)  # [B]
     tokens, sampled = [], []
@@ -292,34 +192,16 @@ def sample(model, prompts, max_new_tokens, stop_ids, temperature=1.0, top_p=1.0,
         tokens.append(next_tokens)
         sampled.append(~finished)
         finished |= torch.isin(next_tokens, stop)
-        if step + 1 == max_new_tokens:
+        if step + 1 == max_new_tokens or finished.all():
             break
-        if (step + 1) % sync_every == 0 and finished.all():
-            break
-        # fixed shapes, or the cache's width (causality hides the columns not yet written)
-        width = length if fast else prompt_mask.shape[1] + step + 1
-        output = forward(input_ids=next_tokens[:, None], attention_mask=attention_mask[:, :width],
-                         position_ids=positions + step, cache=cache, use_cache=True)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(prompts), 1)], 1)
+        output = model(input_ids=next_tokens[:, None], attention_mask=attention_mask,
+                       position_ids=positions + step, cache=cache, use_cache=True)
         logits = output.logits[:, -1]  # [B, V]
     return torch.stack(tokens, 1), torch.stack(sampled, 1).long()  # [B, T], [B, T]
 
 
-def unpad(completion_ids, completion_mask):
-    """Token lists of each row's sampled tokens, the stop token included."""
-    return [ids[mask.bool()].tolist() for ids, mask in zip(completion_ids, completion_mask)]
-
-
 # --- Token log-probs -------------------------------------------------------------------------
-
-LOGPROB_CHUNK_TOKENS = 1024  # float32 [tokens, vocab] logits are made this many tokens at a time
-
-
-def chunk_logprobs(lm_head, hidden, token_ids, temperature):
-    """log-softmax of the tokens token_ids [B, c] after hidden states [B, c, H]."""
-    # in place: the largest tensor of the update
-    logits = lm_head(hidden).float().div_(temperature)  # [B, c, V]
-    return logits.log_softmax(-1).gather(-1, token_ids[..., None]).squeeze(-1)  # [B, c]
-
 
 def token_logprobs(model, prompts, completions, temperature):
     """log pi(token | prefix) of every completion token, at the sampling temperature.
@@ -328,40 +210,21 @@ def token_logprobs(model, prompts, completions, temperature):
     completion_mask [B, T], T the longest completion.
     """
     completion_ids, completion_mask = pad(completions, "right", model.device)  # [B, T]
-    batch, num_completion = completion_ids.shape
-    if model.training and model.is_activation_checkpointing:
-        # checkpointed layers keep no KV cache: each row runs its prompt again
-        prompt_ids, prompt_mask = pad(prompts, "left", model.device)  # [B, P]
-        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # [B, P+T]
-        output = model.base_model(input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
-                                  attention_mask=attention_mask,
-                                  position_ids=positions_from_mask(attention_mask),
-                                  use_cache=False)
-        # the state at t predicts token t + 1
-        hidden = output.last_hidden_state[:, -num_completion - 1:-1]  # [B, T, H]
+    if model.training and model.is_activation_checkpointing:  # --gradient-checkpointing
+        hidden = checkpointed_hidden(model, prompts, completion_ids, completion_mask)
     else:
         # each distinct prompt runs once (`prefill`); the completions attend to its cache
         cache = DynamicCache(config=model.config)
         prompt_hidden, prompt_mask = prefill(model, prompts, cache)  # [B, H], [B, P]
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # [B, P+T]
-        positions = positions_from_mask(attention_mask)[:, -num_completion:]  # [B, T]
+        positions = positions_from_mask(attention_mask)[:, -completion_ids.shape[1]:]  # [B, T]
         output = model.base_model(input_ids=completion_ids, attention_mask=attention_mask,
                                   position_ids=positions, cache=cache, use_cache=True)
         # the state at t predicts token t + 1
         hidden = torch.cat([prompt_hidden[:, None], output.last_hidden_state[:, :-1]], dim=1)
-    # float32 logits of a 128k vocabulary take 0.5 MB a token: made a chunk at a time and
-    # recomputed in backward, but for the last chunk, whose backward comes first
-    width = max(1, LOGPROB_CHUNK_TOKENS // batch)
-    logprobs = []
-    for start in range(0, num_completion, width):
-        chunk = (model.lm_head, hidden[:, start:start + width],
-                 completion_ids[:, start:start + width], temperature)
-        if start + width < num_completion:
-            logprobs.append(torch.utils.checkpoint.checkpoint(chunk_logprobs, *chunk,
-                                                              use_reentrant=False))
-        else:
-            logprobs.append(chunk_logprobs(*chunk))
-    return torch.cat(logprobs, dim=1) * completion_mask, completion_mask  # [B, T], [B, T]
+    # log softmax(logits / temperature) at each token, made a chunk of tokens at a time
+    logprobs = logprobs_in_chunks(model.lm_head, hidden, completion_ids, temperature)  # [B, T]
+    return logprobs * completion_mask, completion_mask  # [B, T], [B, T]
 
 
 # --- Roles: Challenger and Solver ------------------------------------------------------------
@@ -377,6 +240,23 @@ def template_frame(template):
     """
     before, after = PLACEHOLDER.split(template)
     return before, after, after.strip()[:1]
+
+
+def challenger_prompt(tokenizer, args, stop_ids):
+    """The Challenger's prompt (token ids) and the tokens that end its query.
+
+    With --fill-template the Challenger's turn starts with the template's text before the
+    placeholder and ends at the first token holding the template's next character.
+    """
+    # the paper leaves task and template empty ("None") for general instructions
+    prompt = CHALLENGER_PROMPT.format(task=args.task or "None", template=args.template or "None")
+    prompt_ids = chat_prompt(tokenizer, prompt, args.chat_date)
+    if not args.fill_template:
+        return prompt_ids, stop_ids
+    before, _, end = template_frame(args.template)
+    prompt_ids = prompt_ids + tokenizer(before.rstrip(), add_special_tokens=False).input_ids
+    ending = {i for i in range(len(tokenizer)) if end and end in tokenizer.decode([i])}
+    return prompt_ids, sorted(set(stop_ids) | ending)
 
 
 def read_query(tokenizer, tokens, stop_ids, template=None):
@@ -432,6 +312,27 @@ def logits_after(judge, prompts, judged, suffix, stop_ids):
 
 
 @torch.no_grad()
+def judge_scores(judge, tokenizer, prompts, max_tokens, stop_ids, fast=False):
+    """Scores [M] of judge prompts (a template filled with a query and an answer), judged
+    greedily by the frozen reference; its texts; and which failed to parse. An unparsed score
+    is the expected digit under the judge's probabilities (deviation 3)."""
+    outputs = unpad(*(sample_fast if fast else sample)(judge, prompts, max_tokens, stop_ids, 0))
+    texts = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in outputs]
+    parsed = [parse_score(text) for text in texts]
+    scores = torch.tensor([float("nan" if s is None else s) for s in parsed])  # [M]
+    failed = [i for i, score in enumerate(parsed) if score is None]
+    if failed:
+        digit_ids = [tokenizer.encode(str(d), add_special_tokens=False)[-1] for d in range(8)]
+        score_tag = tokenizer.encode("\n<Score>", add_special_tokens=False)
+        logits = logits_after(judge, [prompts[i] for i in failed],
+                              [outputs[i] for i in failed], score_tag, stop_ids)
+        digit_probs = logits[:, digit_ids].float().softmax(-1)  # [F, 8]
+        digits = torch.arange(8.0, device=digit_probs.device)  # [8]
+        scores[failed] = (digit_probs * digits).sum(-1).cpu()  # [F], the expected digit
+    return scores, texts, [score is None for score in parsed]  # [M], M texts, M bools
+
+
+@torch.no_grad()
 def reward_model_scores(reward_model, reward_tokenizer, queries, answers, date=None):
     """R from a sequence-classification reward model: one scalar per (query, answer), [M]."""
     sequences = []
@@ -483,12 +384,12 @@ def lsp_advantages(rewards, quality=None, valid=None, challenger_reward="paper",
     """
     if valid is None:
         valid = torch.ones(len(rewards), dtype=torch.bool)
-    hardness = challenger_values(rewards.mean(dim=1), challenger_reward)  # [N]
+    challenger_pay = challenger_values(rewards.mean(dim=1), challenger_reward)  # [N]
     if quality is None:
-        solver_rewards, challenger_rewards = rewards, hardness  # [N, G], [N]
+        solver_rewards, challenger_rewards = rewards, challenger_pay  # [N, G], [N]
     else:
         solver_rewards = rewards + quality  # [N, G]
-        challenger_rewards = hardness + quality.mean(dim=1)  # [N]
+        challenger_rewards = challenger_pay + quality.mean(dim=1)  # [N]
     solver_advantages = solver_rewards - solver_rewards.mean(dim=1, keepdim=True)  # [N, G]
     challenger_advantages = challenger_rewards - challenger_rewards[valid].mean()  # [N]
     if repeats is not None:
@@ -515,6 +416,17 @@ def repeat_counts(keys, recent):
     return torch.tensor(counts)  # [N]
 
 
+def iteration_advantages(queries, valid, rewards, quality, game, recent, args):
+    """(solver_advantages [N, G], challenger_advantages [N], keys) of an iteration's N queries,
+    keys the problem each valid query states (None for an invalid one). With the edge reward a
+    problem repeated in this step or from the `recent` steps costs the Challenger."""
+    keys = [problem_key(game, query) if ok else None for query, ok in zip(queries, valid)]
+    repeats = repeat_counts(keys, recent) if args.challenger_reward == "edge" else None
+    solver_advantages, challenger_advantages = lsp_advantages(
+        rewards, quality, valid, args.challenger_reward, repeats, args.repeat_penalty)
+    return solver_advantages, challenger_advantages, keys
+
+
 # --- Loss and update (Algorithm 1, step 5) ---------------------------------------------------
 
 def k3_kl(logprobs, ref_logprobs, completion_mask):
@@ -527,33 +439,36 @@ def k3_kl(logprobs, ref_logprobs, completion_mask):
     return (log_ratio.exp() - log_ratio - 1) * completion_mask  # [B, T]
 
 
-def policy_update(policy, reference, optimizer, prompts, completions, advantages, weights, args,
-                  reference_done=lambda: None):
+def micro_batches(num_sequences, size):
+    return [slice(start, start + size) for start in range(0, num_sequences, size)]
+
+
+@torch.no_grad()
+def reference_logprobs(reference, prompts, completions, args):
+    """log pi_Ref of every completion token, a micro-batch at a time: [b, T] each."""
+    return [token_logprobs(reference, prompts[batch], completions[batch], args.temperature)[0]
+            for batch in micro_batches(len(prompts), args.micro_batch_size)]
+
+
+def policy_update(policy, optimizer, prompts, completions, ref_logprobs, advantages, weights,
+                  args):
     """One optimizer step on L = L_Sol + alpha_Ch L_Ch (Eq. loss) over every sampled sequence.
 
     Sequence s adds weights[s] * -(A_s * log pi(s) - beta * KL(s)), both summed over its tokens
     (deviation 5). On-policy, the paper's pi / stopgrad(pi) * A has the gradient of
-    A * log pi, which we differentiate. Returns per-sequence KL [S] and lengths [S], the loss
-    and the gradient norm; a non-finite one skips the step.
+    A * log pi, which we differentiate. ref_logprobs: `reference_logprobs` of the sequences.
+    Returns per-sequence KL [S] and lengths [S], the loss and the gradient norm; a non-finite
+    one skips the step. Under torchrun every process calls it, with its own share of the
+    sequences (none is fine), and the gradients are summed.
     """
-    if not sum_over_processes(len(prompts)):  # nothing to train on: all queries unscorable
-        return torch.zeros(0), torch.zeros(0), 0.0, 0.0
     policy.train()  # activation checkpointing only runs in train mode; Llama has no dropout
     advantages, weights = advantages.to(policy.device), weights.to(policy.device)  # [S], [S]
-    size = args.micro_batch_size
-    batches = [slice(start, start + size) for start in range(0, len(prompts), size)]
-    # pi_Ref first: with --offload-frozen it leaves the GPU before any gradient exists
-    with torch.no_grad():
-        all_ref_logprobs = [
-            token_logprobs(reference, prompts[b], completions[b], args.temperature)[0]
-            for b in batches
-        ]
-    reference_done()
-    total_loss, seq_kls, lengths = 0.0, [], []
-    for batch, ref_logprobs in zip(batches, all_ref_logprobs):
+    total_loss, seq_kls, lengths = 0.0, [torch.zeros(0)], [torch.zeros(0)]
+    for batch, batch_ref_logprobs in zip(micro_batches(len(prompts), args.micro_batch_size),
+                                         ref_logprobs):
         logprobs, completion_mask = token_logprobs(policy, prompts[batch], completions[batch],
                                                    args.temperature)  # [b, T], [b, T]
-        seq_kl = k3_kl(logprobs, ref_logprobs, completion_mask).sum(-1)  # [b]
+        seq_kl = k3_kl(logprobs, batch_ref_logprobs, completion_mask).sum(-1)  # [b]
         seq_logprob = logprobs.sum(-1)  # [b]
         objective = advantages[batch] * seq_logprob - args.beta * seq_kl  # [b]
         loss = -(weights[batch] * objective).sum()
@@ -568,9 +483,7 @@ def policy_update(policy, reference, optimizer, prompts, completions, advantages
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     policy.eval()
-    nothing = [torch.zeros(0)]  # under torchrun, a process whose queries were all unscorable
-    seq_kls, lengths = torch.cat(seq_kls or nothing), torch.cat(lengths or nothing).float()
-    return seq_kls, lengths, total_loss, grad_norm
+    return torch.cat(seq_kls), torch.cat(lengths).float(), total_loss, grad_norm
 
 
 # --- One iteration (Algorithm 1) -------------------------------------------------------------
@@ -582,16 +495,66 @@ def by_query(values, valid, group):
     return table
 
 
+def data_queries(dataset, seed, first, count):
+    """With --queries (the data baseline) the Solver answers `count` queries of the file from
+    the `first`. Every run of a seed reads the same queries step by step (`data_order`): arms of
+    a comparison are paired, and a resumed run reads what it would have read."""
+    picks = data_order(len(dataset), seed, first + count)[first:]
+    return [dataset[i] for i in picks.tolist()], ["ok"] * count, []
+
+
+class Scorers:
+    """The frozen scorers of step 3: R from a reward model, a reward function or the judge
+    ('self'), and R_Q from the judge, the frozen reference pi_Ref."""
+
+    def __init__(self, args, tokenizer, reference, reward_model, reward_tokenizer,
+                 reward_function, stop_ids, fast):
+        self.args, self.tokenizer, self.stop_ids = args, tokenizer, stop_ids
+        self.reference, self.reward_model = reference, reward_model
+        self.reward_tokenizer, self.reward_function = reward_tokenizer, reward_function
+        self.fast = fast and not args.load_in_4bit  # NF4 breaks CUDA graphs
+
+    def task_reward_model(self):
+        """The frozen model that gives R: the reward model, the judge ('self'), or none."""
+        if self.reward_function:
+            return None
+        return self.reference if self.reward_model is None else self.reward_model
+
+    def mark_unscorable(self, queries, statuses):
+        """The statuses, with a valid query that the reward function cannot score (it returns
+        None whatever the answer) marked 'unscorable': not a valid problem."""
+        if not self.reward_function:
+            return statuses
+        scores = call_reward_function(self.reward_function, queries, [""] * len(queries))
+        return ["unscorable" if status == "ok" and not ok else status
+                for status, ok in zip(statuses, scores.isfinite())]
+
+    def task_rewards(self, queries, answers):
+        """R [M], and the judge's (texts, parse failures) when the judge gives R ('self')."""
+        if self.reward_function:
+            return call_reward_function(self.reward_function, queries, answers,
+                                        answered=True), None
+        if self.args.reward_model == "self":
+            scores, texts, failed = self.judge(REWARD_PROMPT, queries, answers)
+            return scores, (texts, failed)
+        return reward_model_scores(self.reward_model, self.reward_tokenizer, queries, answers,
+                                   self.args.chat_date), None
+
+    def judge(self, prompt_template, queries, answers):
+        """The frozen reference's scores [M] of (query, answer) pairs (`judge_scores`)."""
+        texts = [prompt_template.format(instruction=query, response=answer)
+                 for query, answer in zip(queries, answers)]
+        prompts = [chat_prompt(self.tokenizer, text, self.args.chat_date) for text in texts]
+        return judge_scores(self.reference, self.tokenizer, prompts, self.args.max_judge_tokens,
+                            self.stop_ids, self.fast)
+
+
 class SelfPlay:
     """Holds the models and runs one LSP iteration at a time (`step`)."""
 
-    read_query = staticmethod(read_query)  # a hook: bench.py makes every query valid
-
     def __init__(self, args, policy, tokenizer, reference, reward_model=None,
                  reward_tokenizer=None, reward_function=None):
-        self.args, self.policy, self.tokenizer = args, policy, tokenizer
-        self.reference, self.reward_model = reference, reward_model
-        self.reward_tokenizer, self.reward_function = reward_tokenizer, reward_function
+        self.args, self.policy, self.tokenizer, self.reference = args, policy, tokenizer, reference
         self.dataset = read_instructions(args.queries) if args.queries else None
         self.stop_ids = stop_token_ids(policy, tokenizer)
         # under torchrun each process samples its own queries and answers
@@ -602,23 +565,13 @@ class SelfPlay:
         # the problems the Challenger stated in each of the last --repeat-window steps
         self.recent = collections.deque(maxlen=args.repeat_window)
         self.steps_done = 0  # iterations run, resumed ones included
-        self.fast_sampler = args.fast_sampler == "on" or (
-            args.fast_sampler == "auto" and policy.device.type == "cuda")
-        # the paper leaves task and template empty ("None") for general instructions
-        prompt = CHALLENGER_PROMPT.format(task=args.task or "None",
-                                          template=args.template or "None")
-        self.challenger_prompt = self.user_turn(prompt)
-        self.query_stop_ids = self.stop_ids
-        if args.fill_template:
-            # the Challenger's turn starts with the template's text before the placeholder...
-            before, _, end = template_frame(args.template)
-            before_ids = tokenizer(before.rstrip(), add_special_tokens=False).input_ids
-            self.challenger_prompt = self.challenger_prompt + before_ids
-            # ...and ends at the first token holding the template's next character
-            ending = {i for i in range(len(tokenizer)) if end and end in tokenizer.decode([i])}
-            self.query_stop_ids = sorted(set(self.stop_ids) | ending)
-        for frozen in (reference, reward_model):  # --offload-frozen: on the CPU until used
-            self.place(frozen, False, {})
+        self.fast_sampler = use_fast_sampler(args.fast_sampler, policy.device)
+        # timed phases; with --offload-frozen the frozen models wait on the CPU between uses
+        self.phases = Phases(policy.device, args.offload_frozen, [reference, reward_model])
+        self.challenger_prompt, self.query_stop_ids = challenger_prompt(
+            tokenizer, args, self.stop_ids)
+        self.scorers = Scorers(args, tokenizer, reference, reward_model, reward_tokenizer,
+                               reward_function, self.stop_ids, self.fast_sampler)
 
     def state_dict(self):
         return {**training_state(self.optimizer, self.generator), "recent": list(self.recent)}
@@ -628,72 +581,46 @@ class SelfPlay:
         self.recent.extend(state.get("recent", []))
         self.steps_done = state["step"]
 
-    @torch.no_grad()
-    def greedy_answers(self, queries):
-        """The Solver's most likely answers, for --eval-every's dev curve (`dev_accuracy`)."""
-        prompts = [self.user_turn(query) for query in queries]
-        answer_ids, answer_mask = sample(self.policy, prompts, self.args.max_completion_length,
-                                         self.stop_ids, temperature=0)
-        return self.tokenizer.batch_decode(unpad(answer_ids, answer_mask),
-                                           skip_special_tokens=True)
-
     def user_turn(self, text):
         return chat_prompt(self.tokenizer, text, self.args.chat_date)
 
     def roll_out(self, prompts, max_tokens, stop_ids):
         """Sample with the policy at the training temperature: token lists."""
-        completion_ids, completion_mask = sample(
-            self.policy, prompts, max_tokens, stop_ids, self.args.temperature, self.args.top_p,
-            self.generator, fast=self.fast_sampler)
-        return unpad(completion_ids, completion_mask)
+        sampler = sample_fast if self.fast_sampler else sample
+        return unpad(*sampler(self.policy, prompts, max_tokens, stop_ids, self.args.temperature,
+                              self.args.top_p, self.generator))
 
-    def place(self, model, visiting, times):
-        """--offload-frozen: a frozen model visits the policy's device alone, for its phase."""
-        if self.args.offload_frozen and model is not None:
-            started = time.perf_counter()
-            model.to(self.policy.device if visiting else "cpu")
-            spent = time.perf_counter() - started
-            times["time/offload"] = times.get("time/offload", 0.0) + spent
+    # 1. The Challenger writes N queries from one prompt (N / K per process under torchrun)
+    def write_queries(self, count):
+        """(queries, statuses, the Challenger's token lists): empty or cut queries are invalid."""
+        query_tokens = self.roll_out([self.challenger_prompt] * count,
+                                     self.args.max_query_tokens, self.query_stop_ids)
+        template = self.args.template if self.args.fill_template else None  # the query fills it
+        queries, statuses = zip(*[read_query(self.tokenizer, tokens, self.query_stop_ids,
+                                             template) for tokens in query_tokens])
+        return list(queries), list(statuses), query_tokens
 
-    @torch.no_grad()
-    def judge(self, prompt_template, queries, answers, judged, name):
-        """Scores [M] of (query, answer) pairs, judged greedily by the frozen reference.
+    # 2. The Solver answers each valid query G times, as a plain user turn
+    def answer(self, answered):
+        """(prompts, token lists, texts) of one answer per entry of `answered`."""
+        if not answered:  # no valid query
+            return [], [], []
+        prompts = [self.user_turn(query) for query in answered]
+        tokens = self.roll_out(prompts, self.args.max_completion_length, self.stop_ids)
+        return prompts, tokens, self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
 
-        Its texts go to judged[name + "_texts"] and its parse failures to
-        judged[name + "_parse_failed"]; an unparsed score is the expected digit (deviation 3).
-        """
-        prompts = [
-            self.user_turn(prompt_template.format(instruction=query, response=answer))
-            for query, answer in zip(queries, answers)
-        ]
-        fast = self.fast_sampler and not self.args.load_in_4bit  # NF4 breaks compiled graphs
-        outputs = unpad(*sample(self.reference, prompts, self.args.max_judge_tokens,
-                                self.stop_ids, 0, fast=fast))
-        texts = [self.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in outputs]
-        parsed = [parse_score(text) for text in texts]
-        scores = torch.tensor([float("nan" if s is None else s) for s in parsed])  # [M]
-        judged[f"{name}_texts"] = texts
-        judged[f"{name}_parse_failed"] = scores.isnan().tolist()
-        failed = [i for i, score in enumerate(parsed) if score is None]
-        if failed:
-            digit_ids = [self.tokenizer.encode(str(d), add_special_tokens=False)[-1]
-                         for d in range(8)]
-            score_tag = self.tokenizer.encode("\n<Score>", add_special_tokens=False)
-            logits = logits_after(self.reference, [prompts[i] for i in failed],
-                                  [outputs[i] for i in failed], score_tag, self.stop_ids)
-            digit_probs = logits[:, digit_ids].float().softmax(-1)  # [F, 8]
-            digits = torch.arange(8.0, device=digit_probs.device)  # [8]
-            scores[failed] = (digit_probs * digits).sum(-1).cpu()  # [F], the expected digit
-        return scores  # [M]
-
-    def task_rewards(self, queries, answers, judged):
-        """R [M]: from the reward function, the reward model, or the frozen judge ('self')."""
-        if self.reward_function:
-            return call_reward_function(self.reward_function, queries, answers, answered=True)
-        if self.args.reward_model == "self":
-            return self.judge(REWARD_PROMPT, queries, answers, judged, "reward_judge")
-        return reward_model_scores(self.reward_model, self.reward_tokenizer, queries, answers,
-                                   self.args.chat_date)
+    # 5. One gradient step for both roles
+    def update(self, prompts, completions, advantages, weights, sequences_in_iteration):
+        """(per-sequence KL [S], lengths [S], loss, gradient norm) of one step on L (Eq. loss),
+        pi_Ref's log-probs first: with --offload-frozen it leaves before any gradient exists."""
+        with self.phases("reference", uses=self.reference):
+            ref_logprobs = reference_logprobs(self.reference, prompts, completions, self.args)
+        with self.phases("update"):
+            if not sequences_in_iteration:  # every query unscorable: nothing to train on
+                return torch.zeros(0), torch.zeros(0), 0.0, 0.0
+            return policy_update(self.policy, self.optimizer, prompts=prompts,
+                                 completions=completions, ref_logprobs=ref_logprobs,
+                                 advantages=advantages, weights=weights, args=self.args)
 
     def step(self):
         """One iteration of Algorithm 1: (metrics dict, one episode dict per query)."""
@@ -703,119 +630,83 @@ class SelfPlay:
         return result
 
     def iteration(self):
-        args, group, times = self.args, self.args.num_generations, {}
-        clock = [time.perf_counter()]
-
-        def lap(phase):
-            clock.append(time.perf_counter())
-            times[f"time/{phase}"] = clock[-1] - clock[-2]
-
-        # 1. The Challenger writes N queries from one prompt; empty or cut ones are invalid.
-        #    With --queries the Solver answers N queries from the file instead (the data
-        #    baseline) and there is no Challenger loss. Under torchrun, N / K per process.
-        mine = args.num_queries // world_size()
-        if self.dataset:
-            # every run of this seed reads the same queries step by step (`data_order`): arms
-            # of a comparison are paired, and a resumed run reads what it would have read
-            read = self.steps_done * args.num_queries + rank() * mine
-            picks = data_order(len(self.dataset), args.seed, read + mine)[read:]
-            query_tokens = []
-            queries = [self.dataset[i] for i in picks.tolist()]
-            statuses = ["ok"] * mine
-        else:
-            query_tokens = self.roll_out([self.challenger_prompt] * mine,
-                                         args.max_query_tokens, self.query_stop_ids)
-            template = args.template if args.fill_template else None  # the query fills it
-            read = [self.read_query(self.tokenizer, tokens, self.query_stop_ids, template)
-                    for tokens in query_tokens]
-            queries, statuses = zip(*read)
-        if self.reward_function:  # None, whatever the answer: not a valid problem
-            empty_answers = [""] * len(queries)
-            scorable = call_reward_function(self.reward_function, queries, empty_answers)
-            statuses = [
-                "unscorable" if status == "ok" and not ok else status
-                for status, ok in zip(statuses, scorable.isfinite())
-            ]
+        args, group = self.args, self.args.num_generations
+        phase, scorers = self.phases, self.scorers
+        with phase("challenger"):  # 1. N queries: the Challenger's, or with --queries a file's
+            count = args.num_queries // world_size()  # this process's share
+            if self.dataset:
+                first = self.steps_done * args.num_queries + rank() * count
+                queries, statuses, query_tokens = data_queries(self.dataset, args.seed, first,
+                                                               count)
+            else:
+                queries, statuses, query_tokens = self.write_queries(count)
+            statuses = scorers.mark_unscorable(queries, statuses)
         valid = torch.tensor([status == "ok" for status in statuses])  # [N]
-        lap("challenger")
-
-        # 2. The Solver answers each valid query G times, as a plain user turn.
         answered = [query for query, ok in zip(queries, valid) if ok for _ in range(group)]
-        solver_prompts = [self.user_turn(query) for query in answered]  # Nv * G
-        answer_tokens = []
+        with phase("solver"):  # 2. G answers per valid query
+            solver_prompts, answer_tokens, answers = self.answer(answered)
+        rewards, quality, judged = torch.empty(0), torch.empty(0), {}  # [Nv * G] each
         if answered:
-            answer_tokens = self.roll_out(solver_prompts, args.max_completion_length,
-                                          self.stop_ids)
-        answers = [self.tokenizer.decode(t, skip_special_tokens=True) for t in answer_tokens]
-        lap("solver")
-
-        # 3. Rewards: R from the reward model (or the self-judge), R_Q from the frozen
-        #    judge; [Nv * G] each.
-        rewards, quality, judged = torch.empty(0), torch.empty(0), {}
-        if answered:
-            rater = self.reference if self.reward_model is None else self.reward_model
-            self.place(rater, True, times)
-            rewards = self.task_rewards(answered, answers, judged)
-            self.place(self.reward_model, False, times)
-            lap("reward")
-        self.place(self.reference, True, times)  # to judge, then for the reference log-probs
-        if answered and not args.no_self_reward:
-            quality = self.judge(QUALITY_PROMPT, answered, answers, judged, "judge")
-            lap("judge")
+            with phase("reward", uses=scorers.task_reward_model()):  # 3. R, then R_Q (judge)
+                rewards, judge_output = scorers.task_rewards(answered, answers)
+            if judge_output:
+                judged["reward_judge_texts"], judged["reward_judge_parse_failed"] = judge_output
+            if not args.no_self_reward:
+                with phase("judge", uses=self.reference):
+                    quality, *judge_output = scorers.judge(QUALITY_PROMPT, answered, answers)
+                judged["judge_texts"], judged["judge_parse_failed"] = judge_output
         rewards = by_query(rewards, valid, group)  # [N, G], NaN rows for invalid queries
         quality = None if args.no_self_reward else by_query(quality, valid, group)  # [N, G]
 
-        # 4. Group-relative advantages (deviation 2 for invalid queries), over all N queries:
-        #    under torchrun every process gathers the others' (`gather`) and keeps its own.
-        #    With the edge reward, repeated problems cost the Challenger (deviation 9).
-        keys = [problem_key(self.game, q) if ok else None for q, ok in zip(queries, valid)]
-        keys, queries, valid, rewards, quality, own = gather_iteration(
-            keys, queries, valid, rewards, quality)  # lists and tensors of all N queries
-        all_answers = group * int(valid.sum())  # every process's: G per valid query
+        # 4. The advantages need all N queries: under torchrun every process's, then our share
+        all_queries, all_valid, all_rewards, all_quality, own = gather_iteration(
+            queries, valid, rewards, quality)
         recent = set().union(*self.recent)  # the problems of the last --repeat-window steps
-        repeats = repeat_counts(keys, recent) if args.challenger_reward == "edge" else None
-        solver_advantages, challenger_advantages = lsp_advantages(
-            rewards, quality, valid, args.challenger_reward, repeats,
-            args.repeat_penalty)  # [N, G], [N]
+        solver_advantages, challenger_advantages, keys = iteration_advantages(
+            all_queries, all_valid, all_rewards, all_quality, self.game, recent, args)
         if query_tokens:  # the Challenger's problems, not a data set's
             self.recent.append([key for key in keys if key is not None])
-        curriculum = curriculum_metrics(keys, recent, queries, rewards, self.game)
-        queries, valid, rewards, solver_advantages, challenger_advantages = (
-            queries[own], valid[own], rewards[own], solver_advantages[own],
-            challenger_advantages[own])  # this process's queries
-        quality = None if quality is None else quality[own]
+        curriculum = curriculum_metrics(keys, recent, all_queries, all_rewards, self.game)
+        solver_advantages = solver_advantages[own]  # [N, G]
+        challenger_advantages = challenger_advantages[own]  # [N]
 
-        # 5. One gradient step for both roles. Answers go first, so that a micro-batch mostly
-        #    shares one prompt (`prefill`).
+        # 5. Answers come first, so that a micro-batch mostly shares one prompt (`prefill`)
         written = len(query_tokens)  # Challenger sequences: N, or 0 with --queries
-        answer_weights = torch.full((len(answers),), 1 / max(1, all_answers))
-        query_weights = torch.full((written,), args.alpha_ch / args.num_queries)
-        advantages = [solver_advantages[valid].flatten(), challenger_advantages[:written]]
-        seq_kl, lengths, loss, grad_norm = policy_update(
-            self.policy, self.reference, self.optimizer,
+        answers_in_iteration = group * int(all_valid.sum())  # every process's
+        seq_kl, lengths, loss, grad_norm = self.update(
             prompts=solver_prompts + [self.challenger_prompt] * written,
             completions=answer_tokens + list(query_tokens),
-            advantages=torch.cat(advantages),
-            weights=torch.cat([answer_weights, query_weights]),
-            args=args, reference_done=lambda: self.place(self.reference, False, times))
-        lap("update")
+            advantages=torch.cat([solver_advantages[valid].flatten(),
+                                  challenger_advantages[:written]]),
+            weights=torch.cat([torch.full((len(answers),), 1 / max(1, answers_in_iteration)),
+                               torch.full((written,), args.alpha_ch / args.num_queries)]),
+            sequences_in_iteration=answers_in_iteration + written)
 
-        clipped = [tokens[-1] not in self.stop_ids for tokens in answer_tokens]
+        cut = [tokens[-1] not in self.stop_ids for tokens in answer_tokens]  # at the length limit
         answered_rows = (rewards[valid], None if quality is None else quality[valid],
-                         solver_advantages[valid])
+                         solver_advantages[valid])  # [Nv, G] each
         metrics = {"loss": loss, "grad_norm": grad_norm,
                    "grad_clipped": float(grad_norm > args.max_grad_norm),
                    "update_skipped": float(not math.isfinite(loss + grad_norm))}
         metrics.update(step_metrics(statuses, *answered_rows, challenger_advantages,
-                                    seq_kl / lengths, lengths, written, clipped, judged))
+                                    seq_kl / lengths, lengths, written, cut, judged))
         metrics.update(curriculum)
-        metrics.update(times)
+        metrics.update(phase.take_times())
         episodes = episode_records(queries, statuses, answers, *answered_rows,
                                    challenger_advantages, judged)
         return metrics, episodes
 
 
 # --- Training loop ---------------------------------------------------------------------------
+
+@torch.no_grad()
+def greedy_answers(selfplay, queries):
+    """The Solver's most likely answers, for --eval-every's dev curve (`dev_accuracy`)."""
+    prompts = [selfplay.user_turn(query) for query in queries]
+    answer_tokens = unpad(*sample(selfplay.policy, prompts, selfplay.args.max_completion_length,
+                                  selfplay.stop_ids, temperature=0))
+    return selfplay.tokenizer.batch_decode(answer_tokens, skip_special_tokens=True)
+
 
 def train(args, selfplay, start_step=0):
     out = Path(args.out)
@@ -829,8 +720,9 @@ def train(args, selfplay, start_step=0):
             metrics, episodes = selfplay.step()
             if args.eval_every and rank() == 0 and (step % args.eval_every == 0 or step == 1):
                 evaluated = time.perf_counter()
-                metrics["dev_accuracy"] = dev_accuracy(selfplay.game, selfplay.reward_function,
-                                                       selfplay.greedy_answers)
+                metrics["dev_accuracy"] = dev_accuracy(
+                    selfplay.game, selfplay.scorers.reward_function,
+                    functools.partial(greedy_answers, selfplay))
                 metrics["time/eval"] = time.perf_counter() - evaluated
             metrics["time/step"] = time.perf_counter() - started
             log_step(step, metrics, episodes, metrics_file, episodes_file, bar)

@@ -1,5 +1,4 @@
-"""
-Paired seeds: run arms x seeds, score every run, and compare the arms with their spread.
+"""Paired seeds: run arms x seeds, score every run, and compare the arms with their spread.
 
     python seeds.py --seeds 0 1 2 --steps 25 50 --out runs/claim1 \\
         --arm edge "python lsp.py --game arith_game.py" \\
@@ -160,7 +159,7 @@ def print_dev_curve(metrics, seeds):
     steps = sorted(set().union(*curves.values()))
     if not steps:
         return
-    print(f"\ndev curve: dev_accuracy, mean over seeds (--eval-every)")
+    print("\ndev curve: dev_accuracy, mean over seeds (--eval-every)")
     print(f"| step | {' | '.join(curves)} |")
     print(f"|---|{'---|' * len(curves)}")
     for step in steps:

@@ -1,5 +1,4 @@
-"""
-Self-Play Fine-Tuning (SPIN): a model learns to tell the data's responses from its own, until it
+"""Self-Play Fine-Tuning (SPIN): a model learns to tell the data's responses from its own, until it
 cannot.
 
 Chen et al., "Self-Play Fine-Tuning Converts Weak Language Models to Strong Language Models",
@@ -52,10 +51,13 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
 import lsp
-from run_machinery import (add_run_options, chat_prompt, check_model_names, check_ranges,
-                           check_run_dir, checkpoints, default_device, json_line,
-                           load_training_state, make_optimizer, open_logs, parse_with_resume,
-                           resume, save_checkpoint, StopRequest, training_state)
+from machinery.devices import default_device, make_optimizer
+from machinery.inputs import chat_prompt
+from machinery.logs import json_line, open_logs
+from machinery.options import (add_run_options, check_model_names, check_ranges, check_run_dir,
+                               parse_with_resume)
+from machinery.runs import (checkpoints, load_training_state, resume, save_checkpoint,
+                            training_state, StopRequest)
 
 
 # --- Options ---------------------------------------------------------------------------------

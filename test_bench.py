@@ -30,26 +30,29 @@ def test_tiny_preset_prints_a_table_of_finite_positive_numbers():
     assert [name.rsplit(": ", 1)[1] for name in timed] == [
         "lsp.sample", "lsp.sample fast", "model.generate", "ours / generate", "fast / eager", "fast / generate",
         "fast, first call (compiles on CUDA)"]
-    phases = ["challenger", "solver", "reward", "judge", "update", "total"]
+    phases = ["challenger", "solver", "reward", "judge", "reference", "update", "total"]
     timed += [f"LSP iteration, {version}: {phase}" for version in ("now", "before (HEAD)") for phase in phases]
     timed += ["LSP iteration: before / now", "peak memory, samplers", "peak memory, LSP iteration"]
     for name in timed:
         value = float(NUMBER.search(rows[name]).group().replace(",", ""))
         assert math.isfinite(value) and value > 0, (name, rows[name])
     assert "2 queries x 2 answers" in rows["LSP iteration settings"]
-    assert re.fullmatch(r"\d+\.\d GiB", rows["memory check's estimate on a GPU (run_machinery.memory_problem)"])
+    assert re.fullmatch(r"\d+\.\d GiB", rows["memory check's estimate on a GPU (devices.memory_problem)"])
 
 
-def test_worst_case_changes_one_trainer_and_leaves_the_lsp_module_alone():
+def test_worst_case_makes_every_query_valid_while_it_lasts_and_then_leaves_the_lsp_module_alone():
     import bench
     import lsp
     original = lsp.read_query
-    selfplay = SimpleNamespace(stop_ids=[1], reward_function=lambda queries, answers: [None] * len(answers))
-    bench.worst_case(selfplay)
-    assert selfplay.reward_function(["text that runs on"] * 2, ["a", "ab"]) == [1.0, 0.0]  # every pair scored
-    assert lsp.read_query is original and lsp.SelfPlay.read_query is original  # no process-wide patch
+    scorers = SimpleNamespace(stop_ids=[1], reward_function=lambda queries, answers: [None] * len(answers))
+    selfplay = SimpleNamespace(stop_ids=[1], scorers=scorers)
     tokenizer = SimpleNamespace(decode=lambda tokens, skip_special_tokens: "cut off here")
-    assert selfplay.read_query(tokenizer, [5, 6], []) == ("cut off here", "ok") and selfplay.stop_ids == []
+    with bench.worst_case(selfplay, lsp):
+        assert lsp.read_query(tokenizer, [5, 6], []) == ("cut off here", "ok")  # cut, yet valid
+        assert selfplay.stop_ids == selfplay.query_stop_ids == scorers.stop_ids == []
+        assert scorers.reward_function(["text that runs on"] * 2, ["a", "ab"]) == [1.0, 0.0]  # every pair scored
+    assert lsp.read_query is original  # no process-wide patch left behind
+    assert lsp.read_query(tokenizer, [5, 6], [7])[1] == "truncated"
 
 
 def test_peak_in_use_keeps_the_highest_reading_of_a_block_not_its_last(monkeypatch):
@@ -79,7 +82,7 @@ def test_the_trl_comparison_gives_trl_the_same_work(tmp_path):
     pytest.importorskip("trl")
     import bench_trl
     import lsp
-    import run_machinery
+    from machinery import inputs
     queries = tmp_path / "q.txt"
     queries.write_text("".join(f"What is {i} + 1?\n" for i in range(7)))
     work = bench_trl.settings(SimpleNamespace(model="m", queries=str(queries), steps=[5, 2]), seed=3)
@@ -103,7 +106,7 @@ def test_the_trl_comparison_gives_trl_the_same_work(tmp_path):
     # TRL reads, unshuffled, the queries lsp.py reads step by step with this seed
     assert config.shuffle_dataset is False
     rows = queries.read_text().splitlines()
-    lsp_reads = [rows[i] for i in run_machinery.data_order(7, 3, 5 * 4).tolist()]
+    lsp_reads = [rows[i] for i in inputs.data_order(7, 3, 5 * 4).tolist()]
     assert bench_trl.ordered_queries(work) == lsp_reads
 
 

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 import lsp
-import run_machinery
+from machinery import devices, forward, inputs, runs
 from test_lsp import OFFLINE, PROMPTS, TINY_RUN, read_jsonl, stop_mid_row, tiny_config, tiny_run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -53,7 +53,7 @@ def model_dir(tmp_path_factory, llama3_tokenizer):
 
 
 def chat_prompts(tokenizer):
-    return [run_machinery.chat_prompt(tokenizer, text, date="01 Jan 2025")
+    return [inputs.chat_prompt(tokenizer, text, date="01 Jan 2025")
             for text in ("What is 2 + 3?", "Name a colour.", "Write a short poem about the sea.")]
 
 
@@ -66,7 +66,7 @@ def test_a_run_on_cuda_resumes_from_its_checkpoint_and_goes_on(tmp_path, model_d
                            env=OFFLINE, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     print("\n" + "".join(line for line in first.stdout.splitlines() if line.startswith("step 1: KL")))
-    checkpoint = run_machinery.checkpoints(out)[-1]
+    checkpoint = runs.checkpoints(out)[-1]
     assert checkpoint.name == "checkpoint-000002"
     # what makes it a CUDA run: bf16 weights, 8-bit AdamW states, CUDA's RNG state
     assert {t.dtype for t in load_file(checkpoint / "model.safetensors").values()} == {torch.bfloat16}
@@ -79,7 +79,7 @@ def test_a_run_on_cuda_resumes_from_its_checkpoint_and_goes_on(tmp_path, model_d
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming {out} from checkpoint-000002" in resumed.stdout
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
-    assert run_machinery.checkpoints(out)[-1].name == "checkpoint-000003"
+    assert runs.checkpoints(out)[-1].name == "checkpoint-000003"
     assert json.loads((out / "config.json").read_text())["steps"] == 3
 
 
@@ -131,7 +131,7 @@ def test_8bit_adamw_learns_keeps_bf16_and_resumes_from_a_state_loaded_on_the_cpu
         logprobs, mask = lsp.token_logprobs(model, prompts, completions, 1.0)
         return -logprobs.sum() / mask.sum()  # mean negative log-likelihood of the fixed completions
     model.train()
-    optimizer = run_machinery.adamw_8bit_stochastic_rounding(model.parameters(), lr=3e-3)
+    optimizer = devices.adamw_8bit_stochastic_rounding(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(8):
         optimizer.zero_grad()
@@ -159,7 +159,7 @@ def test_8bit_adamw_learns_keeps_bf16_and_resumes_from_a_state_loaded_on_the_cpu
         for parameter, weight, gradient in zip(model.parameters(), weights, gradients):
             parameter.copy_(weight)
             parameter.grad = gradient.clone()
-    resumed = run_machinery.adamw_8bit_stochastic_rounding(model.parameters(), lr=3e-3)
+    resumed = devices.adamw_8bit_stochastic_rounding(model.parameters(), lr=3e-3)
     resumed.load_state_dict(torch.load(tmp_path / "optimizer.pt", map_location="cpu", weights_only=True))
     torch.manual_seed(1)
     resumed.step()
@@ -204,13 +204,13 @@ def test_fast_sampler_with_cuda_graphs_gives_the_eager_samplers_and_generates_to
                                pad_token_id=0, eos_token_id=[stop])[:, ids.shape[1]:].tolist()
     expected = [row[:row.index(stop) + 1] if stop in row else row for row in generated]  # up to the stop token
     from torch._dynamo.utils import counters
-    lsp.decoder("cuda")  # compiles with errors suppressed (lsp then decodes eagerly); here an error must show
+    forward.decoder("cuda")  # compiles with errors suppressed (lsp then decodes eagerly); here an error must show
     monkeypatch.setattr(torch._dynamo.config, "suppress_errors", False)
     torch._dynamo.reset()  # compiles afresh, whatever ran before in this process
     counters.clear()
     eager = lsp.sample(model, prompts, 12, [stop], temperature=0)
-    fast = lsp.sample(model, prompts, 12, [stop], temperature=0, fast=True)
-    fast_again = lsp.sample(model, prompts, 12, [stop], temperature=0, fast=True)  # replays the recorded graphs
+    fast = forward.sample_fast(model, prompts, 12, [stop], temperature=0)
+    fast_again = forward.sample_fast(model, prompts, 12, [stop], temperature=0)  # replays the recorded graphs
     print(f"\ncompiled graphs {counters['stats']['unique_graphs']}, CUDA graph skips "
           f"{dict(counters['inductor']).get('cudagraph_skips', 0)}, row lengths {[len(row) for row in expected]}")
     assert lsp.unpad(*eager) == expected
@@ -231,14 +231,14 @@ def test_the_fast_sampler_keeps_its_cuda_graphs_from_call_to_call(monkeypatch):
     from torch._dynamo.utils import counters
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_config()).eval().to(DEVICE)
-    lsp.decoder("cuda")
+    forward.decoder("cuda")
     monkeypatch.setattr(torch._dynamo.config, "suppress_errors", False)
     monkeypatch.setattr(torch._inductor.config.triton, "cudagraph_unexpected_rerecord_limit", 2)
     torch._dynamo.reset()
     counters.clear()
-    first = lsp.sample(model, PROMPTS, 12, [], temperature=0, fast=True)[0]
+    first = forward.sample_fast(model, PROMPTS, 12, [], temperature=0)[0]
     for _ in range(5):
-        assert torch.equal(lsp.sample(model, PROMPTS, 12, [], temperature=0, fast=True)[0], first)
+        assert torch.equal(forward.sample_fast(model, PROMPTS, 12, [], temperature=0)[0], first)
     print(f"\n6 fast sampler calls: CUDA graph skips {dict(counters['inductor']).get('cudagraph_skips', 0)}")
     assert not counters["inductor"]["cudagraph_skips"], "CUDA graphs dropped after repeated recordings"
 
@@ -246,7 +246,7 @@ def test_the_fast_sampler_keeps_its_cuda_graphs_from_call_to_call(monkeypatch):
 # --- f. --offload-frozen ---------------------------------------------------------------------
 
 
-def devices(model):
+def devices_of(model):
     return {p.device.type for p in model.parameters()}
 
 
@@ -256,18 +256,18 @@ def test_offloaded_reference_visits_the_gpu_for_its_phase_alone_in_a_new_and_a_r
     uses = []
     for function in ("sample", "token_logprobs", "logits_after"):
         def spy(model, *args, real=getattr(lsp, function), **kwargs):
-            uses.append((model is selfplay.reference, devices(model), devices(selfplay.reference)))
+            uses.append((model is selfplay.reference, devices_of(model), devices_of(selfplay.reference)))
             return real(model, *args, **kwargs)
         monkeypatch.setattr(lsp, function, spy)
     for start_step in (0, 1):  # a new run; then, from its checkpoint, a resumed one, whose reference load_model loads
         selfplay, first = lsp.start(lsp.parse_args(argv))
-        assert first == start_step and devices(selfplay.reference) == {"cpu"} and devices(selfplay.policy) == {"cuda"}
+        assert first == start_step and devices_of(selfplay.reference) == {"cpu"} and devices_of(selfplay.policy) == {"cuda"}
         uses.clear()
         metrics, _ = selfplay.step()
         assert {is_reference for is_reference, _, _ in uses} == {True, False}  # the judge, the reference log-probs
         for is_reference, model_devices, reference_devices in uses:  # used on the GPU; away while the policy works
             assert model_devices == {"cuda"} and reference_devices == ({"cuda"} if is_reference else {"cpu"})
-        assert devices(selfplay.reference) == {"cpu"} and devices(selfplay.policy) == {"cuda"}
+        assert devices_of(selfplay.reference) == {"cpu"} and devices_of(selfplay.policy) == {"cuda"}
         assert metrics["time/offload"] > 0 and metrics["update_skipped"] == 0
         if not start_step:
-            run_machinery.save_checkpoint(selfplay, tmp_path / "run", 1, keep=1)
+            runs.save_checkpoint(selfplay, tmp_path / "run", 1, keep=1)

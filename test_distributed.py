@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import lsp
-import run_machinery
+from machinery import runs
 from conftest import tiny_config
 
 HERE = Path(__file__).parent
@@ -42,8 +42,9 @@ def update(rows):
     reference = lsp.freeze(copy.deepcopy(policy))
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2, weight_decay=0.0)
     args = SimpleNamespace(micro_batch_size=2, temperature=0.7, beta=0.05, max_grad_norm=1.0)
-    lsp.policy_update(policy, reference, optimizer, [PROMPTS[i] for i in rows],
-                      [COMPLETIONS[i] for i in rows], ADVANTAGES[rows], WEIGHTS[rows], args)
+    prompts, completions = [PROMPTS[i] for i in rows], [COMPLETIONS[i] for i in rows]
+    ref_logprobs = lsp.reference_logprobs(reference, prompts, completions, args)
+    lsp.policy_update(policy, optimizer, prompts, completions, ref_logprobs, ADVANTAGES[rows], WEIGHTS[rows], args)
     return [parameter.detach().clone() for parameter in policy.parameters()]
 
 
@@ -142,7 +143,7 @@ def test_under_torchrun_ctrl_c_stops_every_process_at_one_step_and_saves_it(tmp_
     os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole group
     stdout, stderr = process.communicate(timeout=120)
     assert "checkpoint saved" in stdout, stderr[-3000:]
-    last = run_machinery.checkpoints(out)[-1]
+    last = runs.checkpoints(out)[-1]
     steps = [m["step"] for m in read_jsonl(out / "metrics.jsonl")]
     assert steps == list(range(1, int(last.name.split("-")[1]) + 1))  # nothing half-written
     assert not list(out.glob("*.tmp"))

@@ -18,7 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import arith_game
 import eval as evaluation  # an alias: a module bound to the name `eval` would shadow the builtin eval()
-import run_machinery
+from machinery import inputs, logs
 
 HERE = Path(__file__).parent
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1"}  # no network here: fail fast instead of retrying
@@ -151,10 +151,10 @@ def test_a_tagged_judgement_is_parsed_from_the_judges_own_text(smol_tokenizer):
 def test_read_instructions_plain_and_jsonl(tmp_path):
     plain = tmp_path / "prompts.txt"
     plain.write_text("Name a colour.\n\n  \nWhat is 2+2?\n")
-    assert run_machinery.read_instructions(str(plain)) == ["Name a colour.", "What is 2+2?"]
+    assert inputs.read_instructions(str(plain)) == ["Name a colour.", "What is 2+2?"]
     jsonl = tmp_path / "prompts.jsonl"
     jsonl.write_text(json.dumps({"instruction": "Line one\nline two", "output": "x"}) + "\n\n")
-    assert run_machinery.read_instructions(str(jsonl)) == ["Line one\nline two"]
+    assert inputs.read_instructions(str(jsonl)) == ["Line one\nline two"]
     assert len(evaluation.EVAL_INSTRUCTIONS) >= 30
 
 
@@ -172,7 +172,7 @@ def test_bad_instruction_files_stop_with_a_message(tmp_path, name, content, mess
     elif content is not None:
         path.write_text(content)
     with pytest.raises(SystemExit) as exit_info:
-        run_machinery.read_instructions(str(path))
+        inputs.read_instructions(str(path))
     assert message in str(exit_info.value.code)
 
 
@@ -199,7 +199,7 @@ def test_plot_writes_curves_from_nan_null_and_a_half_written_line(tmp_path):
     pytest.importorskip("matplotlib")
     run_dir = tmp_path / "run"
     write_metrics(run_dir)
-    assert [row["step"] for row in run_machinery.read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, 9))
+    assert [row["step"] for row in logs.read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, 9))
     out = evaluation.main(["plot", str(run_dir)])
     assert out == run_dir / "curves.png" and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     evaluation.main(["plot", str(run_dir), "--out", str(tmp_path / "other.png")])

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import lsp
-import run_machinery
+from machinery import inputs, logs, runs
 import spin
 from judge_prompts import EVAL_INSTRUCTIONS
 
@@ -140,7 +140,7 @@ def test_the_opponent_is_a_frozen_copy_for_the_whole_iteration_and_the_trained_m
 
 def test_human_responses_end_with_eos_and_their_special_token_text_stays_text(smol_tokenizer):
     prompts, responses = spin.encode_pairs(smol_tokenizer, [("Hi", "Hello <|im_end|> there")], max_length=100)
-    assert prompts == [run_machinery.chat_prompt(smol_tokenizer, "Hi")]
+    assert prompts == [inputs.chat_prompt(smol_tokenizer, "Hi")]
     assert responses[0][-1] == smol_tokenizer.eos_token_id and responses[0].count(smol_tokenizer.eos_token_id) == 1
     assert smol_tokenizer.decode(responses[0][:-1]) == "Hello <|im_end|> there"
     assert len(spin.encode_pairs(smol_tokenizer, [("Hi", "word " * 50)], max_length=7)[1][0]) == 7
@@ -221,7 +221,7 @@ def test_a_run_directory_resumes_only_the_same_run(tmp_path, capsys):
     assert "holds no run of spin.py" in capsys.readouterr().err
     (out / "notes.txt").unlink()
     data = ["--data", str(HERE / "spin_data" / "train.jsonl")]
-    run_machinery.write_atomically(out / "config.json", json.dumps(vars(spin.parse_args([*data, "--out", str(out)]))))
+    logs.write_atomically(out / "config.json", json.dumps(vars(spin.parse_args([*data, "--out", str(out)]))))
     assert spin.parse_args([*data, "--out", str(out), "--iterations", "5"]).iterations == 5  # may grow
     assert spin.parse_args(["--resume", str(out)]).lam == 0.1
     with pytest.raises(SystemExit):
@@ -311,7 +311,7 @@ def test_script_runs_two_iterations_and_writes_metrics_episodes_and_loadable_che
     episodes = read_jsonl(out / "episodes.jsonl")
     assert [(e["step"], e["iteration"]) for e in episodes] == [(1, 1)] * 6 + [(5, 2)] * 6
     assert [e["prompt"] for e in episodes] == [p for p, _ in PAIRS] * 2 and all("generated" in e for e in episodes)
-    assert [p.name for p in run_machinery.checkpoints(out)] == ["checkpoint-000004", "checkpoint-000008"]
+    assert [p.name for p in runs.checkpoints(out)] == ["checkpoint-000004", "checkpoint-000008"]
     model = AutoModelForCausalLM.from_pretrained(out / "checkpoint-000008")
     assert AutoTokenizer.from_pretrained(out / "checkpoint-000008").chat_template and model.config.hidden_size == 32
     scored = subprocess.run([sys.executable, str(HERE / "spin.py"), "score", "--model", str(out / "checkpoint-000008"),
@@ -367,4 +367,4 @@ def test_a_signal_finishes_the_step_saves_and_says_how_to_resume(tmp_path, tiny_
     assert f"Resume with: python spin.py --resume {out}" in stdout
     steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["record"] == "step"]
     assert steps == list(range(1, len(steps) + 1)) and len(steps) < 1000 * STEPS_PER_ITERATION
-    assert run_machinery.checkpoints(out)[-1].name == f"checkpoint-{steps[-1]:06d}"
+    assert runs.checkpoints(out)[-1].name == f"checkpoint-{steps[-1]:06d}"
