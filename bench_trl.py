@@ -61,14 +61,21 @@ UNMATCHED = [
 ]
 
 
+def lsp_default(name):
+    """The default of one of lsp.py's options (offline: no hub model is named)."""
+    import lsp
+    with tempfile.TemporaryDirectory() as empty:
+        defaults = lsp.parse_args(["--model", "smollm2", "--reward-model", "self", "--out", empty])
+    return getattr(defaults, name)
+
+
 def settings(options, seed=0):
     """The work both trainers do, in the names of lsp.py's options."""
-    import lsp
     return {"model": options.model, "queries": options.queries, "steps": max(options.steps),
             "save_at": sorted(options.steps), "num_queries": 4, "num_generations": 8,
             "micro_batch_size": 8, "max_completion_length": 32, "temperature": 0.7,
             "learning_rate": 1e-5, "beta": 0.05,
-            "max_grad_norm": lsp.parse_args(["--model", "smollm2"]).max_grad_norm, "seed": seed}
+            "max_grad_norm": lsp_default("max_grad_norm"), "seed": seed}
 
 
 def trl_config(work, out):

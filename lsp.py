@@ -60,22 +60,10 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
                           AutoTokenizer, BitsAndBytesConfig, DynamicCache)
 
 from judge_prompts import CHALLENGER_PROMPT, QUALITY_PROMPT, REWARD_PROMPT
-from machinery.devices import (Phases, default_device, exit_if_too_big, make_optimizer,
-                               use_cpu_bf16, use_fast_sampler)
-from machinery.distributed import (finish_processes, gather_iteration, init_processes, rank,
-                                   sum_gradients, sum_over_processes, world_size)
-from machinery.forward import (LOGPROB_CHUNK_TOKENS, checkpointed_hidden, logprobs_in_chunks,
-                               pad, pick_tokens, positions_from_mask, prefill, sample_fast,
-                               unpad)
-from machinery.inputs import (call_reward_function, chat_ids, chat_prompt, data_order,
-                              dev_accuracy, exit_unloadable, load_game, load_reward_function,
-                              problem_key, read_instructions, resolve_model)
-from machinery.logs import (curriculum_metrics, episode_records, log_step, open_logs,
-                            show_example, step_metrics)
-from machinery.options import (add_engineering_options, check_engineering_options, check_ranges,
-                               game_options, parse_with_resume)
-from machinery.runs import (SkippedUpdates, StopRequest, checkpoints, load_training_state,
-                            resume, save_checkpoint, training_state)
+from machinery import devices, distributed, inputs, logs, options, runs
+from machinery.forward import (LOGPROB_CHUNK_TOKENS, checkpointed_hidden, logits_after,
+                               logprobs_in_chunks, pad, pick_tokens, positions_from_mask, prefill,
+                               sample_fast, unpad)
 
 
 # --- Options: the paper's hyperparameters and the few a learner changes ----------------------
@@ -116,17 +104,17 @@ def parse_args(argv=None):
     arg("--beta", type=float, default=0.05, help="beta: weight of the KL penalty")
     arg("--alpha-ch", type=float, default=1.0, help="alpha_Ch: weight of the Challenger loss")
     arg("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
-    add_engineering_options(parser)
+    options.add_engineering_options(parser)
     game = parser.parse_args(argv).game
     if game:  # the game's settings become the defaults; options given here override them
-        parser.set_defaults(**game_options(parser, game))
-    args = parse_with_resume(parser, argv)
+        parser.set_defaults(**options.game_options(parser, game))
+    args = options.parse_with_resume(parser, argv)
 
     # a group of one would make every group-relative advantage zero
     at_least = {"num_queries": 2, "num_generations": 2, **dict.fromkeys(
         ["max_query_tokens", "max_completion_length", "max_judge_tokens", "steps",
          "repeat_window"], 1)}
-    check_ranges(parser, args, at_least, ["learning_rate", "max_grad_norm", "temperature"])
+    options.check_ranges(parser, args, at_least, ["learning_rate", "max_grad_norm", "temperature"])
     if min(args.beta, args.alpha_ch, args.repeat_penalty) < 0:
         parser.error("--beta, --alpha-ch and --repeat-penalty must be >= 0")
     if not 0 < args.top_p <= 1:
@@ -134,7 +122,7 @@ def parse_args(argv=None):
     if args.fill_template and len(PLACEHOLDER.findall(args.template)) != 1:
         parser.error("--fill-template needs a --template with exactly one {placeholder}, "
                      f"got {args.template!r}")
-    check_engineering_options(parser, args)
+    options.check_engineering_options(parser, args)
     return args
 
 
@@ -143,7 +131,7 @@ def parse_args(argv=None):
 def load_model(name, model_class, device, load_in_4bit=False):
     """(tokenizer, model) from a hub id, a local path or 'smollm2': bf16 on CUDA, else float32;
     NF4 with load_in_4bit. A model that fails to load exits with a hint."""
-    path, kwargs = resolve_model(name)
+    path, kwargs = inputs.resolve_model(name)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -152,7 +140,7 @@ def load_model(name, model_class, device, load_in_4bit=False):
         tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=kwargs.get("gguf_file"))
         model = model_class.from_pretrained(path, dtype=dtype, device_map={"": device}, **kwargs)
     except (OSError, ValueError) as error:
-        exit_unloadable(name, error)
+        inputs.exit_unloadable(name, error)
     return tokenizer, model
 
 
@@ -250,7 +238,7 @@ def challenger_prompt(tokenizer, args, stop_ids):
     """
     # the paper leaves task and template empty ("None") for general instructions
     prompt = CHALLENGER_PROMPT.format(task=args.task or "None", template=args.template or "None")
-    prompt_ids = chat_prompt(tokenizer, prompt, args.chat_date)
+    prompt_ids = inputs.chat_prompt(tokenizer, prompt, args.chat_date)
     if not args.fill_template:
         return prompt_ids, stop_ids
     before, _, end = template_frame(args.template)
@@ -301,17 +289,6 @@ def parse_score(text):
 
 
 @torch.no_grad()
-def logits_after(judge, prompts, judged, suffix, stop_ids):
-    """Next-token logits [M, V] after prompt + judge text (stop tokens dropped) + suffix."""
-    sequences = [
-        prompt + [t for t in text if t not in stop_ids] + suffix
-        for prompt, text in zip(prompts, judged)
-    ]
-    hidden, _ = prefill(judge, sequences, DynamicCache(config=judge.config))  # [M, H]
-    return judge.lm_head(hidden)  # [M, V]
-
-
-@torch.no_grad()
 def judge_scores(judge, tokenizer, prompts, max_tokens, stop_ids, fast=False):
     """Scores [M] of judge prompts (a template filled with a query and an answer), judged
     greedily by the frozen reference; its texts; and which failed to parse. An unparsed score
@@ -338,7 +315,7 @@ def reward_model_scores(reward_model, reward_tokenizer, queries, answers, date=N
     sequences = []
     for query, answer in zip(queries, answers):
         exchange = [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]
-        sequences.append(chat_ids(reward_tokenizer, exchange, add_generation_prompt=False,
+        sequences.append(inputs.chat_ids(reward_tokenizer, exchange, add_generation_prompt=False,
                                   date=date))
     # each row's last token, pooled by `prefill`: the model's own pooling looks for
     # pad_token_id, which is wrong when pad == EOS
@@ -420,7 +397,7 @@ def iteration_advantages(queries, valid, rewards, quality, game, recent, args):
     """(solver_advantages [N, G], challenger_advantages [N], keys) of an iteration's N queries,
     keys the problem each valid query states (None for an invalid one). With the edge reward a
     problem repeated in this step or from the `recent` steps costs the Challenger."""
-    keys = [problem_key(game, query) if ok else None for query, ok in zip(queries, valid)]
+    keys = [inputs.problem_key(game, query) if ok else None for query, ok in zip(queries, valid)]
     repeats = repeat_counts(keys, recent) if args.challenger_reward == "edge" else None
     solver_advantages, challenger_advantages = lsp_advantages(
         rewards, quality, valid, args.challenger_reward, repeats, args.repeat_penalty)
@@ -476,8 +453,8 @@ def policy_update(policy, optimizer, prompts, completions, ref_logprobs, advanta
         total_loss += loss.item()
         seq_kls.append(seq_kl.detach().cpu())
         lengths.append(completion_mask.sum(-1).cpu())
-    sum_gradients(policy.parameters())  # under torchrun: every process's sequences
-    total_loss = sum_over_processes(total_loss)
+    distributed.sum_gradients(policy.parameters())  # under torchrun: every process's sequences
+    total_loss = distributed.sum_over_processes(total_loss)
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item()
     if math.isfinite(total_loss) and math.isfinite(grad_norm):
         optimizer.step()
@@ -497,9 +474,9 @@ def by_query(values, valid, group):
 
 def data_queries(dataset, seed, first, count):
     """With --queries (the data baseline) the Solver answers `count` queries of the file from
-    the `first`. Every run of a seed reads the same queries step by step (`data_order`): arms of
-    a comparison are paired, and a resumed run reads what it would have read."""
-    picks = data_order(len(dataset), seed, first + count)[first:]
+    the `first`. Every run of a seed reads the same queries step by step (`inputs.data_order`):
+    arms of a comparison are paired, and a resumed run reads what it would have read."""
+    picks = inputs.data_order(len(dataset), seed, first + count)[first:]
     return [dataset[i] for i in picks.tolist()], ["ok"] * count, []
 
 
@@ -525,14 +502,14 @@ class Scorers:
         None whatever the answer) marked 'unscorable': not a valid problem."""
         if not self.reward_function:
             return statuses
-        scores = call_reward_function(self.reward_function, queries, [""] * len(queries))
+        scores = inputs.call_reward_function(self.reward_function, queries, [""] * len(queries))
         return ["unscorable" if status == "ok" and not ok else status
                 for status, ok in zip(statuses, scores.isfinite())]
 
     def task_rewards(self, queries, answers):
         """R [M], and the judge's (texts, parse failures) when the judge gives R ('self')."""
         if self.reward_function:
-            return call_reward_function(self.reward_function, queries, answers,
+            return inputs.call_reward_function(self.reward_function, queries, answers,
                                         answered=True), None
         if self.args.reward_model == "self":
             scores, texts, failed = self.judge(REWARD_PROMPT, queries, answers)
@@ -544,7 +521,7 @@ class Scorers:
         """The frozen reference's scores [M] of (query, answer) pairs (`judge_scores`)."""
         texts = [prompt_template.format(instruction=query, response=answer)
                  for query, answer in zip(queries, answers)]
-        prompts = [chat_prompt(self.tokenizer, text, self.args.chat_date) for text in texts]
+        prompts = [inputs.chat_prompt(self.tokenizer, text, self.args.chat_date) for text in texts]
         return judge_scores(self.reference, self.tokenizer, prompts, self.args.max_judge_tokens,
                             self.stop_ids, self.fast)
 
@@ -555,34 +532,35 @@ class SelfPlay:
     def __init__(self, args, policy, tokenizer, reference, reward_model=None,
                  reward_tokenizer=None, reward_function=None):
         self.args, self.policy, self.tokenizer, self.reference = args, policy, tokenizer, reference
-        self.dataset = read_instructions(args.queries) if args.queries else None
+        self.dataset = inputs.read_instructions(args.queries) if args.queries else None
         self.stop_ids = stop_token_ids(policy, tokenizer)
         # under torchrun each process samples its own queries and answers
-        self.generator = torch.Generator(policy.device).manual_seed(args.seed + rank())
-        self.cpu_bf16 = use_cpu_bf16(args.cpu_bf16, policy.device)  # deviation 7
-        self.optimizer = make_optimizer(policy.parameters(), args.learning_rate, policy.device)
-        self.game = load_game(args.game) if args.game else None
+        self.generator = torch.Generator(policy.device).manual_seed(args.seed + distributed.rank())
+        self.cpu_bf16 = devices.use_cpu_bf16(args.cpu_bf16, policy.device)  # deviation 7
+        self.optimizer = devices.make_optimizer(policy.parameters(), args.learning_rate,
+                                                policy.device)
+        self.game = inputs.load_game(args.game) if args.game else None
         # the problems the Challenger stated in each of the last --repeat-window steps
         self.recent = collections.deque(maxlen=args.repeat_window)
         self.steps_done = 0  # iterations run, resumed ones included
-        self.fast_sampler = use_fast_sampler(args.fast_sampler, policy.device)
+        self.fast_sampler = devices.use_fast_sampler(args.fast_sampler, policy.device)
         # timed phases; with --offload-frozen the frozen models wait on the CPU between uses
-        self.phases = Phases(policy.device, args.offload_frozen, [reference, reward_model])
+        self.phases = devices.Phases(policy.device, args.offload_frozen, [reference, reward_model])
         self.challenger_prompt, self.query_stop_ids = challenger_prompt(
             tokenizer, args, self.stop_ids)
         self.scorers = Scorers(args, tokenizer, reference, reward_model, reward_tokenizer,
                                reward_function, self.stop_ids, self.fast_sampler)
 
     def state_dict(self):
-        return {**training_state(self.optimizer, self.generator), "recent": list(self.recent)}
+        return {**runs.training_state(self.optimizer, self.generator), "recent": list(self.recent)}
 
     def load_state_dict(self, state):
-        load_training_state(state, self.optimizer, self.generator)
+        runs.load_training_state(state, self.optimizer, self.generator)
         self.recent.extend(state.get("recent", []))
         self.steps_done = state["step"]
 
     def user_turn(self, text):
-        return chat_prompt(self.tokenizer, text, self.args.chat_date)
+        return inputs.chat_prompt(self.tokenizer, text, self.args.chat_date)
 
     def roll_out(self, prompts, max_tokens, stop_ids):
         """Sample with the policy at the training temperature: token lists."""
@@ -633,9 +611,9 @@ class SelfPlay:
         args, group = self.args, self.args.num_generations
         phase, scorers = self.phases, self.scorers
         with phase("challenger"):  # 1. N queries: the Challenger's, or with --queries a file's
-            count = args.num_queries // world_size()  # this process's share
+            count = args.num_queries // distributed.world_size()  # this process's share
             if self.dataset:
-                first = self.steps_done * args.num_queries + rank() * count
+                first = self.steps_done * args.num_queries + distributed.rank() * count
                 queries, statuses, query_tokens = data_queries(self.dataset, args.seed, first,
                                                                count)
             else:
@@ -659,14 +637,14 @@ class SelfPlay:
         quality = None if args.no_self_reward else by_query(quality, valid, group)  # [N, G]
 
         # 4. The advantages need all N queries: under torchrun every process's, then our share
-        all_queries, all_valid, all_rewards, all_quality, own = gather_iteration(
+        all_queries, all_valid, all_rewards, all_quality, own = distributed.gather_iteration(
             queries, valid, rewards, quality)
         recent = set().union(*self.recent)  # the problems of the last --repeat-window steps
         solver_advantages, challenger_advantages, keys = iteration_advantages(
             all_queries, all_valid, all_rewards, all_quality, self.game, recent, args)
         if query_tokens:  # the Challenger's problems, not a data set's
             self.recent.append([key for key in keys if key is not None])
-        curriculum = curriculum_metrics(keys, recent, all_queries, all_rewards, self.game)
+        curriculum = logs.curriculum_metrics(keys, recent, all_queries, all_rewards, self.game)
         solver_advantages = solver_advantages[own]  # [N, G]
         challenger_advantages = challenger_advantages[own]  # [N]
 
@@ -688,11 +666,11 @@ class SelfPlay:
         metrics = {"loss": loss, "grad_norm": grad_norm,
                    "grad_clipped": float(grad_norm > args.max_grad_norm),
                    "update_skipped": float(not math.isfinite(loss + grad_norm))}
-        metrics.update(step_metrics(statuses, *answered_rows, challenger_advantages,
+        metrics.update(logs.step_metrics(statuses, *answered_rows, challenger_advantages,
                                     seq_kl / lengths, lengths, written, cut, judged))
         metrics.update(curriculum)
         metrics.update(phase.take_times())
-        episodes = episode_records(queries, statuses, answers, *answered_rows,
+        episodes = logs.episode_records(queries, statuses, answers, *answered_rows,
                                    challenger_advantages, judged)
         return metrics, episodes
 
@@ -701,7 +679,7 @@ class SelfPlay:
 
 @torch.no_grad()
 def greedy_answers(selfplay, queries):
-    """The Solver's most likely answers, for --eval-every's dev curve (`dev_accuracy`)."""
+    """The Solver's most likely answers, for --eval-every's dev curve (`inputs.dev_accuracy`)."""
     prompts = [selfplay.user_turn(query) for query in queries]
     answer_tokens = unpad(*sample(selfplay.policy, prompts, selfplay.args.max_completion_length,
                                   selfplay.stop_ids, temperature=0))
@@ -710,31 +688,32 @@ def greedy_answers(selfplay, queries):
 
 def train(args, selfplay, start_step=0):
     out = Path(args.out)
-    skipped = SkippedUpdates(out)
+    skipped = runs.SkippedUpdates(out)
     steps = range(start_step + 1, args.steps + 1)
     bar = tqdm(steps, initial=start_step, total=args.steps, desc="LSP", dynamic_ncols=True,
-               disable=rank() != 0)
-    with StopRequest() as stop, open_logs(out) as (metrics_file, episodes_file):
+               disable=distributed.rank() != 0)
+    with runs.StopRequest() as stop, logs.open_logs(out) as (metrics_file, episodes_file):
         for step in bar:
             started = time.perf_counter()
             metrics, episodes = selfplay.step()
-            if args.eval_every and rank() == 0 and (step % args.eval_every == 0 or step == 1):
+            evaluating = args.eval_every and (step % args.eval_every == 0 or step == 1)
+            if evaluating and distributed.rank() == 0:
                 evaluated = time.perf_counter()
-                metrics["dev_accuracy"] = dev_accuracy(
+                metrics["dev_accuracy"] = inputs.dev_accuracy(
                     selfplay.game, selfplay.scorers.reward_function,
                     functools.partial(greedy_answers, selfplay))
                 metrics["time/eval"] = time.perf_counter() - evaluated
             metrics["time/step"] = time.perf_counter() - started
-            log_step(step, metrics, episodes, metrics_file, episodes_file, bar)
+            logs.log_step(step, metrics, episodes, metrics_file, episodes_file, bar)
             if step % args.log_every == 0 or step == 1:
-                show_example(step, episodes)
+                logs.show_example(step, episodes)
             skipped.count(step, metrics["update_skipped"])
             stopping = stop.agreed()  # under torchrun, every process stops at the same step
             if step % args.save_every == 0 or step == args.steps or stopping:
-                save_checkpoint(selfplay, out, step, args.keep)
+                runs.save_checkpoint(selfplay, out, step, args.keep)
             stop.exit_if_asked(step, "lsp.py", out)
     tqdm.write(f"done: {args.steps} steps; metrics in {out / 'metrics.jsonl'}, "
-               f"model in {checkpoints(out)[-1]}")
+               f"model in {runs.checkpoints(out)[-1]}")
 
 
 # --- Main ------------------------------------------------------------------------------------
@@ -742,14 +721,14 @@ def train(args, selfplay, start_step=0):
 def start(args):
     """Load the models: (SelfPlay, first step). A run in --out continues from its newest
     checkpoint."""
-    saved = checkpoints(args.out)
+    saved = runs.checkpoints(args.out)
     torch.manual_seed(args.seed)
-    device = default_device()
-    reward_function = load_reward_function(args.reward_model)  # None for a reward model
+    device = devices.default_device()
+    reward_function = inputs.load_reward_function(args.reward_model)  # None for a reward model
     policy_path = str(saved[-1]) if saved else args.model
     tokenizer, policy = load_model(policy_path, AutoModelForCausalLM, device)
     if device.type == "cuda":
-        exit_if_too_big(args, policy, device, LOGPROB_CHUNK_TOKENS)
+        devices.exit_if_too_big(args, policy, device, LOGPROB_CHUNK_TOKENS)
     if args.gradient_checkpointing:
         policy.activation_checkpointing_enable()
     # the frozen reference pi_Ref: the starting model, copied, or loaded again when it is
@@ -766,11 +745,11 @@ def start(args):
         freeze(reward_model)
     selfplay = SelfPlay(args, policy, tokenizer, reference, reward_model, reward_tokenizer,
                         reward_function)
-    return selfplay, resume(selfplay, args, device)
+    return selfplay, runs.resume(selfplay, args, device)
 
 
 def main(argv=None):
-    init_processes()  # under torchrun: join the other processes
+    distributed.init_processes()  # under torchrun: join the other processes
     args = parse_args(argv)
     try:
         train(args, *start(args))  # a run that has done its --steps already says "done"
@@ -783,7 +762,7 @@ def main(argv=None):
         sys.exit("stopped without saving; resume from the newest checkpoint with: "
                  f"python lsp.py --resume {args.out}")
     finally:
-        finish_processes()
+        distributed.finish_processes()
 
 
 if __name__ == "__main__":

@@ -87,7 +87,7 @@ def test_the_trl_comparison_gives_trl_the_same_work(tmp_path):
     queries.write_text("".join(f"What is {i} + 1?\n" for i in range(7)))
     work = bench_trl.settings(SimpleNamespace(model="m", queries=str(queries), steps=[5, 2]), seed=3)
     assert (work["steps"], work["save_at"], work["seed"]) == (5, [2, 5], 3)
-    assert work["max_grad_norm"] == lsp.parse_args(["--model", "smollm2"]).max_grad_norm  # lsp.py's default
+    assert work["max_grad_norm"] == lsp.parse_args(["--model", "smollm2", "--reward-model", "self", "--out", str(tmp_path / "run")]).max_grad_norm  # lsp.py's default
     config = bench_trl.trl_config(work, str(tmp_path))
     answers = work["num_queries"] * work["num_generations"]
     # one generation of N x G answers per optimizer step, trained in micro-batches

@@ -620,7 +620,7 @@ def test_lsp_zero_step_has_no_self_reward(tmp_path, smol_tokenizer, capsys):
     answered = [e for e in episodes if e["query_status"] == "ok"]
     assert answered and "self_reward" not in metrics and "time/judge" not in metrics
     assert all(e["self_rewards"] is None and "judge_texts" not in e for e in answered)
-    lsp.show_example(1, episodes)
+    logs.show_example(1, episodes)
     assert "self-reward off" in capsys.readouterr().out
 
 
@@ -1304,8 +1304,8 @@ def test_the_repeat_window_holds_the_last_steps_and_survives_a_checkpoint(tmp_pa
     assert list(selfplay.recent) == [["2+1"] * 3, ["3+1"] * 3]  # the last two steps only
     state = selfplay.state_dict()
     fresh = tiny_selfplay(tmp_path, smol_tokenizer, "--game", GAME, "--repeat-window", "2")
-    fresh.load_state_dict(state)
-    assert list(fresh.recent) == list(selfplay.recent)
+    fresh.load_state_dict({"step": 4, **state})  # as a checkpoint holds it
+    assert list(fresh.recent) == list(selfplay.recent) and fresh.steps_done == 4
 
 
 def test_curriculum_metrics_on_worked_numbers():

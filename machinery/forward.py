@@ -6,7 +6,7 @@ import functools
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
-from transformers import StaticCache
+from transformers import DynamicCache, StaticCache
 
 
 def pad(sequences, side, device):
@@ -49,6 +49,17 @@ def prefill(model, prompts, cache):
         # index_select: gradients flow back to the shared prompt's keys and values
         cache.reorder_cache(rows)
     return hidden, prompt_mask[rows]
+
+
+@torch.no_grad()
+def logits_after(judge, prompts, judged, suffix, stop_ids):
+    """Next-token logits [M, V] after prompt + judge text (stop tokens dropped) + suffix."""
+    sequences = [
+        prompt + [t for t in text if t not in stop_ids] + suffix
+        for prompt, text in zip(prompts, judged)
+    ]
+    hidden, _ = prefill(judge, sequences, DynamicCache(config=judge.config))  # [M, H]
+    return judge.lm_head(hidden)  # [M, V]
 
 
 def pick_tokens(logits, temperature, top_p, generator):
