@@ -497,7 +497,7 @@ def bench_iteration(args, trainer_argv, options, device, workdir):
     row("peak memory, LSP iteration", peaks["now"] + target)
     # the trainer's check at start, asked about a GPU with no memory, says what it estimates
     problem = devices.memory_problem(args, selfplays["now"].policy, 0,
-                                           forward.LOGPROB_CHUNK_TOKENS)
+                                     forward.LOGPROB_CHUNK_TOKENS)
     estimate = re.search(r"need about ([\d.]+ GiB)", problem).group(1)
     row("memory check's estimate on a GPU (devices.memory_problem)", estimate)
 

@@ -315,8 +315,8 @@ def reward_model_scores(reward_model, reward_tokenizer, queries, answers, date=N
     sequences = []
     for query, answer in zip(queries, answers):
         exchange = [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]
-        sequences.append(inputs.chat_ids(reward_tokenizer, exchange, add_generation_prompt=False,
-                                  date=date))
+        sequences.append(inputs.chat_ids(reward_tokenizer, exchange,
+                                         add_generation_prompt=False, date=date))
     # each row's last token, pooled by `prefill`: the model's own pooling looks for
     # pad_token_id, which is wrong when pad == EOS
     hidden, _ = prefill(reward_model, sequences, DynamicCache(config=reward_model.config))
@@ -510,7 +510,7 @@ class Scorers:
         """R [M], and the judge's (texts, parse failures) when the judge gives R ('self')."""
         if self.reward_function:
             return inputs.call_reward_function(self.reward_function, queries, answers,
-                                        answered=True), None
+                                               answered=True), None
         if self.args.reward_model == "self":
             scores, texts, failed = self.judge(REWARD_PROMPT, queries, answers)
             return scores, (texts, failed)
@@ -667,11 +667,11 @@ class SelfPlay:
                    "grad_clipped": float(grad_norm > args.max_grad_norm),
                    "update_skipped": float(not math.isfinite(loss + grad_norm))}
         metrics.update(logs.step_metrics(statuses, *answered_rows, challenger_advantages,
-                                    seq_kl / lengths, lengths, written, cut, judged))
+                                         seq_kl / lengths, lengths, written, cut, judged))
         metrics.update(curriculum)
         metrics.update(phase.take_times())
         episodes = logs.episode_records(queries, statuses, answers, *answered_rows,
-                                   challenger_advantages, judged)
+                                        challenger_advantages, judged)
         return metrics, episodes
 
 

@@ -10,6 +10,10 @@ time: two torch runs on a 2-core CPU slow each other about 20x. A finished run i
 an unfinished one resumes. Then `eval.py score` scores each run's checkpoint at each of --steps
 on the game's held-out set (--split dev when choosing settings: never choose on held-out).
 
+`--start ARM FROM STEP` starts an arm from another arm's checkpoint at STEP, the same seed's
+(self-play after data, for one): it passes `--model` that checkpoint, which is then also the
+reference, and counts the arm's steps on from STEP, so the arms compare at the same steps in all.
+
 Pairing: a seed gives every arm the same draws where the arms allow it. Every data arm
 (--queries) reads the same queries step by step (`data_order`), and every arm starts its
 sampler from the same state, so the runs of a seed part only where the arms differ.
@@ -77,12 +81,17 @@ def run_dir(out, arm, seed):
     return Path(out) / arm / f"seed-{seed}"
 
 
-def train(command, seed, steps, directory):
-    """Run one arm's command for one seed, saving at every step of `steps`."""
-    every = math.gcd(*steps)
-    extra = ["--seed", str(seed), "--out", str(directory), "--steps", str(max(steps)),
-             "--save-every", str(every), "--keep", str(max(steps) // every)]
-    if (directory / f"checkpoint-{max(steps):06d}").exists():
+def train(command, seed, steps, directory, start=None):
+    """Run one arm's command for one seed, saving at every step of `steps`. With `start`, a
+    (checkpoint, step) pair, the run starts from that checkpoint (its --model, so also its
+    reference, with a fresh optimizer) and its steps count on from that step."""
+    checkpoint, first = start or (None, 0)
+    own_steps = [step - first for step in steps if step > first]
+    every = math.gcd(*own_steps)
+    extra = ["--model", str(checkpoint)] if checkpoint else []
+    extra += ["--seed", str(seed), "--out", str(directory), "--steps", str(max(own_steps)),
+              "--save-every", str(every), "--keep", str(max(own_steps) // every)]
+    if (directory / f"checkpoint-{max(own_steps):06d}").exists():
         return
     print(f"running: {command} {shlex.join(extra)}", flush=True)
     with open(directory.parent / f"seed-{seed}.log", "a") as log:
@@ -90,6 +99,15 @@ def train(command, seed, steps, directory):
                                   stderr=subprocess.STDOUT)
     if finished.returncode:
         sys.exit(f"error: {command} failed for seed {seed}; see {log.name}")
+
+
+def model_after(out, starts, arm, seed, step):
+    """(run directory, its own step) that holds an arm's model after `step` steps in all. An
+    arm that starts from another's checkpoint is that arm's model up to its start."""
+    if arm in starts and step <= starts[arm][1]:
+        source, first = starts[arm]
+        return model_after(out, starts, source, seed, step)
+    return run_dir(out, arm, seed), step - starts.get(arm, (None, 0))[1]
 
 
 def held_out(directory, step, split):
@@ -110,8 +128,10 @@ def held_out(directory, step, split):
     return counts
 
 
-def read_metrics(directory):
-    return [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+def read_metrics(directory, first=0):
+    """The run's metrics.jsonl, its steps counted on from `first`."""
+    lines = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+    return [{**line, "step": line["step"] + first} for line in lines]
 
 
 # --- The comparison --------------------------------------------------------------------------
@@ -181,6 +201,20 @@ def print_speed(metrics, seeds):
         print(f"| {arm} | {seconds:.1f} | {clipped:.2f} | {flat:.2f} |")
 
 
+def check_starts(parser, options):
+    """{arm: (arm it starts from, step)} of --start, checked before anything runs."""
+    names = [name for name, _ in options.arm]
+    starts = {}
+    for arm, source, step in options.start:
+        if arm not in names or source not in names or names.index(source) >= names.index(arm):
+            parser.error(f"--start {arm} {source} {step}: both must be arms, {source} first")
+        if not step.isdigit() or int(step) not in options.steps or int(step) >= max(options.steps):
+            parser.error(f"--start {arm} {source} {step}: STEP must be one of --steps, "
+                         "before the last")
+        starts[arm] = source, int(step)
+    return starts
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--arm", nargs=2, action="append", required=True,
@@ -192,24 +226,35 @@ def main(argv=None):
                         help="heldout: for results; dev: for choosing settings")
     parser.add_argument("--base", type=int, help="the base model's score, printed beside")
     parser.add_argument("--out", required=True, help="runs go to OUT/ARM/seed-S")
+    parser.add_argument("--start", nargs=3, action="append", default=[],
+                        metavar=("ARM", "FROM", "STEP"),
+                        help="ARM starts from arm FROM's checkpoint at STEP (one of --steps), "
+                             "the same seed's; its steps count on from STEP")
     options = parser.parse_args(argv)
     names = [name for name, _ in options.arm]
     if len(set(names)) < len(names) or any(not name.isidentifier() for name in names):
         parser.error(f"--arm names must be distinct words, got {names}")
     if min(options.steps) < 1 or len(set(options.seeds)) < len(options.seeds):
         parser.error("--steps must be at least 1 and --seeds distinct")
+    starts = check_starts(parser, options)
     scores, metrics = {}, {}
     for name, command in options.arm:
         for seed in options.seeds:
             directory = run_dir(options.out, name, seed)
             directory.parent.mkdir(parents=True, exist_ok=True)
-            train(command, seed, options.steps, directory)
+            start = None
+            if name in starts:
+                source, first = starts[name]
+                source_dir, own_step = model_after(options.out, starts, source, seed, first)
+                start = source_dir / f"checkpoint-{own_step:06d}", first
+            train(command, seed, options.steps, directory, start)
     for name, command in options.arm:
-        metrics[name] = {seed: read_metrics(run_dir(options.out, name, seed))
+        first = starts.get(name, (None, 0))[1]
+        metrics[name] = {seed: read_metrics(run_dir(options.out, name, seed), first)
                          for seed in options.seeds}
         for step in sorted(options.steps):
             scores.setdefault(step, {})[name] = {
-                seed: held_out(run_dir(options.out, name, seed), step, options.split)
+                seed: held_out(*model_after(options.out, starts, name, seed, step), options.split)
                 for seed in options.seeds}
     for step in sorted(options.steps):
         print(f"\n## after {step} steps")

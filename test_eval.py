@@ -457,6 +457,7 @@ parser = argparse.ArgumentParser()
 for name in ("--seed", "--steps", "--save-every", "--keep"):
     parser.add_argument(name, type=int)
 parser.add_argument("--out")
+parser.add_argument("--model")
 parser.add_argument("--right", type=int)  # the arm's held-out score at its last step, less the seed
 parser.add_argument("--fail", action="store_true")
 args = parser.parse_args()
@@ -509,6 +510,37 @@ def test_seeds_runs_each_arm_and_seed_once_and_prints_the_paired_comparison(tmp_
     assert "| base | 2.0 | 1.00 | 0.25 |" in printed
     seeds.main(argv)  # every run is done and scored: nothing runs again
     assert len((tmp_path / "cmp" / "base" / "runs.txt").read_text().splitlines()) == 3
+
+
+def test_seeds_starts_an_arm_from_another_arms_checkpoint_and_counts_its_steps_on(
+        tmp_path, monkeypatch, capsys):
+    import seeds
+    trainer = tmp_path / "trainer.py"
+    trainer.write_text(FAKE_TRAINER)
+    monkeypatch.setattr(evaluation, "main", fake_score)
+    out = tmp_path / "cmp"
+    scores = seeds.main(["--seeds", "0", "1", "--steps", "5", "10", "--out", str(out),
+                         "--arm", "data", f"{sys.executable} {trainer} --right 30",
+                         "--arm", "after", f"{sys.executable} {trainer} --right 50",
+                         "--start", "after", "data", "5"])
+    runs = (out / "after" / "runs.txt").read_text().splitlines()
+    assert sorted(runs) == [f"--right 50 --model {out / 'data' / f'seed-{s}' / 'checkpoint-000005'} "
+                            f"--seed {s} --out {out / 'after' / f'seed-{s}'} --steps 5 "
+                            "--save-every 5 --keep 1" for s in (0, 1)]
+    # after 5 steps in all the arm is the checkpoint it starts from; after 10, its own step 5
+    assert scores[5]["after"] == scores[5]["data"]
+    assert [scores[10]["after"][s]["all"][0] for s in (0, 1)] == [50, 49]
+    printed = capsys.readouterr().out
+    assert "| after | +20 | +20 | 20.0 ± 0.0 | 2 |" in printed
+    assert "| 10 | 0.150 ± 0.635 | 0.100 ± 0.635 |" in printed  # its dev curve counts on from 5
+    with pytest.raises(SystemExit):
+        seeds.main(["--steps", "5", "10", "--out", str(out), "--arm", "data", "cmd",
+                    "--arm", "after", "cmd", "--start", "after", "data", "7"])
+    assert "STEP must be one of --steps" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        seeds.main(["--steps", "5", "10", "--out", str(out), "--arm", "after", "cmd",
+                    "--arm", "data", "cmd", "--start", "after", "data", "5"])
+    assert "both must be arms, data first" in capsys.readouterr().err
 
 
 def test_seeds_stops_with_the_log_of_an_arm_that_fails(tmp_path, capsys):
