@@ -195,10 +195,17 @@ def print_speed(metrics, seeds):
     print("|---|---|---|---|")
     for arm, by_seed in metrics.items():
         lines = [line for seed in seeds for line in by_seed[seed]]
-        seconds = statistics.fmean(line["time/step"] for line in lines)
-        clipped = statistics.fmean(line.get("grad_clipped", math.nan) for line in lines)
-        flat = statistics.fmean(line.get("frac_reward_zero_std", math.nan) for line in lines)
+        seconds = mean_of(lines, "time/step")
+        clipped = mean_of(lines, "grad_clipped")
+        flat = mean_of(lines, "frac_reward_zero_std")
         print(f"| {arm} | {seconds:.1f} | {clipped:.2f} | {flat:.2f} |")
+
+
+def mean_of(lines, name):
+    """A metric's mean over the steps that logged it: a step whose queries were all invalid
+    has no groups, so no share of groups without signal."""
+    values = [line[name] for line in lines if name in line]
+    return statistics.fmean(values) if values else math.nan
 
 
 def check_starts(parser, options):

@@ -562,3 +562,13 @@ def test_seeds_statistics_on_worked_numbers():
     mean, half_width = seeds.mean_interval([1, 2, 3])
     assert mean == 2 and half_width == pytest.approx(4.303 * 1 / 3 ** 0.5)
     assert seeds.seeds_needed([0, 1, -1]) is None  # a mean of 0 is never told from 0
+
+
+def test_seeds_speed_table_averages_a_metric_over_the_steps_that_logged_it(capsys):
+    import seeds
+    # step 2 had only invalid queries: no groups, so no share of groups without signal
+    lines = [{"step": 1, "time/step": 3.0, "grad_clipped": 1.0, "frac_reward_zero_std": 0.5},
+             {"step": 2, "time/step": 1.0, "grad_clipped": 0.0},
+             {"step": 3, "time/step": 2.0, "grad_clipped": 1.0, "frac_reward_zero_std": 0.25}]
+    seeds.print_speed({"edge": {0: lines}}, [0])
+    assert "| edge | 2.0 | 0.67 | 0.38 |" in capsys.readouterr().out
