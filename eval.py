@@ -8,6 +8,8 @@
     plot   the training curves of a run directory (RUN_DIR/metrics.jsonl -> RUN_DIR/curves.png).
     curriculum  what a game run's Challenger wrote: distinct problems, the most frequent ones,
            difficulty early and late, and the Solver's success on them.
+    merge  a LoRA checkpoint (lsp.py --lora) as a plain model directory; the other commands
+           read such a checkpoint as it is.
 
 How `eval` scores, and the choices made:
     1. Both models answer every instruction greedily (temperature 0 with lsp.sample). The paper
@@ -42,6 +44,7 @@ Run (from the repository root):
     python eval.py score --model smollm2                        # CPU, the base model
     python eval.py score --model runs/game/checkpoint-000025    # a run on the arithmetic game
     python eval.py plot runs/demo                               # runs/demo/curves.png
+    python eval.py merge runs/lora/checkpoint-000050 --out runs/lora-merged
 """
 
 import argparse
@@ -60,6 +63,7 @@ from transformers import AutoModelForCausalLM
 
 import lsp
 from judge_prompts import EVAL_INSTRUCTIONS, PAIRWISE_PROMPT
+from machinery import lora
 from machinery.devices import default_device
 from machinery.inputs import (call_reward_function, chat_prompt, load_game, problem_key,
                               read_instructions)
@@ -93,6 +97,9 @@ def build_parser():
     arg("--max-new-tokens", type=int, default=32, help="longest answer")
     arg("--batch-size", type=int, default=16, help="prompts per batch when generating")
     arg("--out", default="heldout.jsonl", help="per-problem answers, a JSON line each")
+    merge = commands.add_parser("merge", help="a LoRA checkpoint as a plain model directory")
+    merge.add_argument("checkpoint", help="a checkpoint of a run trained with --lora")
+    merge.add_argument("--out", required=True, help="directory for the merged model")
     curriculum = commands.add_parser("curriculum", help="sum up a game run's Challenger")
     curriculum.add_argument("run_dir", help="run directory written by lsp.py --game")
     curriculum.add_argument("--window", type=int, default=10, help="steps counted as early/late")
@@ -459,11 +466,23 @@ def curriculum(args):
     return summary
 
 
+def merge(args):
+    """Save a LoRA checkpoint's base model with the adapters added into its weights."""
+    if lora.base_model_name(args.checkpoint) is None:
+        sys.exit(f"error: {args.checkpoint} holds no LoRA adapters (no adapter_config.json)")
+    tokenizer, model = lsp.load_model(args.checkpoint, AutoModelForCausalLM, default_device())
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    print(f"merged model in {args.out}")
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "plot":
         return plot(args)
+    if args.command == "merge":
+        return merge(args)
     for name in ("max_new_tokens", "max_judge_tokens", "batch_size", "per_level", "window"):
         value = getattr(args, name, None)  # each command has some of these
         if value is not None and value < 1:

@@ -60,7 +60,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
                           AutoTokenizer, BitsAndBytesConfig, DynamicCache)
 
 from judge_prompts import CHALLENGER_PROMPT, QUALITY_PROMPT, REWARD_PROMPT, SHOWN_PROBLEMS
-from machinery import devices, distributed, inputs, logs, options, runs
+from machinery import devices, distributed, inputs, logs, lora, options, runs
 from machinery.forward import (LOGPROB_CHUNK_TOKENS, checkpointed_hidden, logits_after,
                                logprobs_in_chunks, pad, pick_tokens, positions_from_mask, prefill,
                                sample_fast, unpad)
@@ -90,8 +90,7 @@ def parse_args(argv=None):
         help="paper: -V; uncertain: -2|V - 1/2|; edge: 1 - V if 0 < V < 1, less repeats")
     arg("--repeat-window", type=int, default=10, help="edge: steps a problem counts as recent")
     arg("--repeat-penalty", type=float, default=2.0, help="edge: the cost of a repeat")
-    arg("--show-recent", type=int, default=0,
-        help="show the Challenger its K newest problems, to write a new one (Absolute Zero)")
+    arg("--show-recent", type=int, default=0, help="K recent problems in the Challenger prompt")
     arg("--challenger-every", type=int, default=1, help="train the Challenger every K steps")
     arg("--solver-band", type=float, nargs=2, metavar=("LOW", "HIGH"),
         help="train the Solver only on queries it solves with a share in [LOW, HIGH] (R-Zero)")
@@ -136,9 +135,10 @@ def parse_args(argv=None):
 # --- Loading ---------------------------------------------------------------------------------
 
 def load_model(name, model_class, device, load_in_4bit=False):
-    """(tokenizer, model) from a hub id, a local path or 'smollm2': bf16 on CUDA, else float32;
-    NF4 with load_in_4bit. A model that fails to load exits with a hint."""
-    path, kwargs = inputs.resolve_model(name)
+    """(tokenizer, model) from a hub id, a local path, 'smollm2' or a LoRA checkpoint (merged):
+    bf16 on CUDA, else float32; NF4 with load_in_4bit. One that fails to load exits with a hint."""
+    base = lora.base_model_name(name)
+    path, kwargs = inputs.resolve_model(base or name)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -148,7 +148,7 @@ def load_model(name, model_class, device, load_in_4bit=False):
         model = model_class.from_pretrained(path, dtype=dtype, device_map={"": device}, **kwargs)
     except (OSError, ValueError) as error:
         inputs.exit_unloadable(name, error)
-    return tokenizer, model
+    return tokenizer, lora.merged(model, name) if base else model
 
 
 def freeze(model):
@@ -240,9 +240,8 @@ def template_frame(template):
 def challenger_prompt(tokenizer, args, stop_ids, shown=()):
     """The Challenger's prompt (token ids) and the tokens that end its query.
 
-    `shown`: past problems to list in the prompt (--show-recent). With --fill-template the
-    Challenger's turn starts with the template's text before the placeholder and ends at the
-    first token holding the template's next character.
+    `shown`: problems to list in it (--show-recent). With --fill-template the turn starts with
+    the template's text before the placeholder and ends at the first token holding the next one.
     """
     # the paper leaves task and template empty ("None") for general instructions
     prompt = CHALLENGER_PROMPT.format(task=args.task or "None", template=args.template or "None")
@@ -544,22 +543,24 @@ class SelfPlay:
     """Holds the models and runs one LSP iteration at a time (`step`)."""
 
     def __init__(self, args, policy, tokenizer, reference, reward_model=None,
-                 reward_tokenizer=None, reward_function=None):
+                 reward_tokenizer=None, reward_function=None, adapters=None):
         self.args, self.policy, self.tokenizer, self.reference = args, policy, tokenizer, reference
+        self.adapters = adapters  # with --lora: the peft model that saves and turns them off
         self.dataset = inputs.read_instructions(args.queries) if args.queries else None
         self.stop_ids = stop_token_ids(policy, tokenizer)
         # under torchrun each process samples its own queries and answers
         self.generator = torch.Generator(policy.device).manual_seed(args.seed + distributed.rank())
         self.cpu_bf16 = devices.use_cpu_bf16(args.cpu_bf16, policy.device)  # deviation 7
-        self.optimizer = devices.make_optimizer(policy.parameters(), args.learning_rate,
-                                                policy.device)
+        trained = [parameter for parameter in policy.parameters() if parameter.requires_grad]
+        self.optimizer = devices.make_optimizer(trained, args.learning_rate, policy.device)
         self.game = inputs.load_game(args.game) if args.game else None
         # the problems the Challenger stated in each of the last --repeat-window steps
         self.recent = collections.deque(maxlen=args.repeat_window)
         self.steps_done = 0  # iterations run, resumed ones included
         self.fast_sampler = devices.use_fast_sampler(args.fast_sampler, policy.device)
         # timed phases; with --offload-frozen the frozen models wait on the CPU between uses
-        self.phases = devices.Phases(policy.device, args.offload_frozen, [reference, reward_model])
+        self.phases = devices.Phases(policy.device, args.offload_frozen, [reference, reward_model],
+                                     adapters)
         self.challenger_prompt, self.query_stop_ids = challenger_prompt(
             tokenizer, args, self.stop_ids)
         self.scorers = Scorers(args, tokenizer, reference, reward_model, reward_tokenizer,
@@ -743,32 +744,36 @@ def train(args, selfplay, start_step=0):
 # --- Main ------------------------------------------------------------------------------------
 
 def start(args):
-    """Load the models: (SelfPlay, first step). A run in --out continues from its newest
-    checkpoint."""
+    """Load the models: (SelfPlay, first step); a run in --out goes on from its last checkpoint."""
     saved = runs.checkpoints(args.out)
     torch.manual_seed(args.seed)
     device = devices.default_device()
     reward_function = inputs.load_reward_function(args.reward_model)  # None for a reward model
-    policy_path = str(saved[-1]) if saved else args.model
-    tokenizer, policy = load_model(policy_path, AutoModelForCausalLM, device)
-    if device.type == "cuda":
-        devices.exit_if_too_big(args, policy, device, LOGPROB_CHUNK_TOKENS)
-    if args.gradient_checkpointing:
-        policy.activation_checkpointing_enable()
-    # the frozen reference pi_Ref: the starting model, copied, or loaded again when it is
-    # quantized or the policy was not
-    if args.load_in_4bit or saved:
+    # with --lora the policy is the starting model (NF4 with --load-in-4bit: QLoRA) and adapters
+    policy_path = str(saved[-1]) if saved and not args.lora else args.model
+    tokenizer, policy = load_model(policy_path, AutoModelForCausalLM, device,
+                                   args.lora and args.load_in_4bit)
+    # the frozen reference pi_Ref: with --lora the policy, its adapters off (`devices.Phases`);
+    # else the starting model, copied, or loaded again when it is quantized or the policy was not
+    if args.lora:
+        reference = policy
+    elif args.load_in_4bit or saved:
         _, reference = load_model(args.model, AutoModelForCausalLM, device, args.load_in_4bit)
     else:
         reference = copy.deepcopy(policy)
     freeze(reference)
+    adapters = lora.add_adapters(policy, args, saved) if args.lora else None  # new or saved ones
+    if device.type == "cuda":
+        devices.exit_if_too_big(args, policy, device, LOGPROB_CHUNK_TOKENS)
+    if args.gradient_checkpointing:
+        policy.activation_checkpointing_enable()
     reward_model = reward_tokenizer = None
     if args.reward_model != "self" and not reward_function:
         reward_tokenizer, reward_model = load_model(
             args.reward_model, AutoModelForSequenceClassification, device, args.load_in_4bit)
         freeze(reward_model)
     selfplay = SelfPlay(args, policy, tokenizer, reference, reward_model, reward_tokenizer,
-                        reward_function)
+                        reward_function, adapters)
     return selfplay, runs.resume(selfplay, args, device)
 
 

@@ -198,6 +198,7 @@ class SelfPlayFineTuning:
     """The main player (`policy`, trained) and the current iteration's game."""
 
     generation_batch = 32  # prompts the opponent answers at once
+    adapters = None  # the whole model trains: spin.py has no --lora
 
     def __init__(self, args, policy, tokenizer):
         self.args, self.policy, self.tokenizer = args, policy, tokenizer

@@ -9,6 +9,8 @@
     e. the fast sampler (torch.compile with CUDA graphs) gives the eager sampler's and generate's greedy tokens
        and keeps its CUDA graphs from call to call
     f. --offload-frozen: the frozen reference visits the GPU for its phase only, in a new run and a resumed one
+    g. QLoRA (--lora --load-in-4bit, needs peft): an NF4 base, float32 adapters that alone train, a first-step KL
+       of 0, and a run that resumes from its adapter checkpoint
 
 Tiny random Llamas with the offline Llama-3-style tokenizer of conftest.py: no network, no weights, no gguf.
 Run on a GPU machine (needs torch with CUDA, transformers, accelerate and bitsandbytes):
@@ -271,3 +273,30 @@ def test_offloaded_reference_visits_the_gpu_for_its_phase_alone_in_a_new_and_a_r
         assert metrics["time/offload"] > 0 and metrics["update_skipped"] == 0
         if not start_step:
             runs.save_checkpoint(selfplay, tmp_path / "run", 1, keep=1)
+
+
+# --- g. QLoRA --------------------------------------------------------------------------------
+
+
+def test_qlora_trains_float32_adapters_on_an_nf4_base_and_resumes(tmp_path, model_dir):
+    pytest.importorskip("peft")
+    import bitsandbytes as bnb
+    out = tmp_path / "run"
+    qlora = ["--lora", "8", "--load-in-4bit", "--save-every", "1"]
+    first = subprocess.run(tiny_run(model_dir, out, *qlora, "--steps", "2"), env=OFFLINE, capture_output=True,
+                           text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert read_jsonl(out / "metrics.jsonl")[0]["kl"] == 0.0  # pi_Ref is the NF4 base: the policy at step 0
+    adapters = load_file(runs.checkpoints(out)[-1] / "adapter_model.safetensors")
+    assert adapters and {t.dtype for t in adapters.values()} == {torch.float32}
+    resumed = subprocess.run(tiny_run(model_dir, out, *qlora, "--steps", "3"), env=OFFLINE, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
+    args = lsp.parse_args(["--model", str(model_dir), *TINY_RUN, "--out", str(tmp_path / "live"), *qlora])
+    selfplay, _ = lsp.start(args)
+    assert any(isinstance(module, bnb.nn.Linear4bit) for module in selfplay.policy.modules())
+    before = {name: p.detach().clone() for name, p in selfplay.policy.named_parameters()}
+    selfplay.step()
+    changed = {name for name, p in selfplay.policy.named_parameters() if not torch.equal(before[name], p)}
+    assert changed and all("lora_" in name for name in changed)

