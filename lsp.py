@@ -41,6 +41,7 @@ precision, memory and the run, checkpoints, logs, torchrun, the fast sampler) is
 Run:
     python lsp.py --game arith_game.py --out runs/game   # SmolLM2 learns arithmetic on a CPU
     python lsp.py --steps 1500 --out runs/llama3b   # Llama-3.2-3B on a GPU (24 GB: see README)
+    python lsp.py --steps 1500 --lora 16 --load-in-4bit --gradient-checkpointing  # QLoRA (README)
     python lsp.py --resume runs/llama3b             # after Ctrl-C or a crash
 """
 
