@@ -1,7 +1,6 @@
 """Prompts for Language Self-Play, written in our own words after the structure in the paper.
 
 CHALLENGER_PROMPT  makes the model write one instruction (the Challenger role).
-SHOWN_PROBLEMS     added to it with --show-recent: problems it wrote lately, to write a new one.
 QUALITY_PROMPT     the additive 7-point self-reward R_Q, judged by the frozen reference model.
 REWARD_PROMPT      the task reward R when `--reward-model self` replaces a reward model.
 PAIRWISE_PROMPT    for evaluation (eval.py): which of two responses to one instruction is better.
@@ -36,11 +35,6 @@ Rules:
 [End Generation].
 - If both the task and the template are None, decide for yourself what to ask and write a \
 free-form instruction."""
-
-SHOWN_PROBLEMS = """
-
-Inputs you wrote lately, in short form. Write a new one that differs from all of them:
-{problems}"""
 
 QUALITY_PROMPT = """Review the exchange below between a user and an AI assistant, and score it \
 with the additive 7-point system described here. Start from 0 and add one point for each \

@@ -60,7 +60,7 @@ from tqdm import tqdm
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
                           AutoTokenizer, BitsAndBytesConfig, DynamicCache)
 
-from judge_prompts import CHALLENGER_PROMPT, QUALITY_PROMPT, REWARD_PROMPT, SHOWN_PROBLEMS
+from judge_prompts import CHALLENGER_PROMPT, QUALITY_PROMPT, REWARD_PROMPT
 from machinery import devices, distributed, inputs, logs, lora, options, runs
 from machinery.forward import (LOGPROB_CHUNK_TOKENS, checkpointed_hidden, logits_after,
                                logprobs_in_chunks, pad, pick_tokens, positions_from_mask, prefill,
@@ -91,10 +91,6 @@ def parse_args(argv=None):
         help="paper: -V; uncertain: -2|V - 1/2|; edge: 1 - V if 0 < V < 1, less repeats")
     arg("--repeat-window", type=int, default=10, help="edge: steps a problem counts as recent")
     arg("--repeat-penalty", type=float, default=2.0, help="edge: the cost of a repeat")
-    arg("--show-recent", type=int, default=0, help="K recent problems in the Challenger prompt")
-    arg("--challenger-every", type=int, default=1, help="train the Challenger every K steps")
-    arg("--solver-band", type=float, nargs=2, metavar=("LOW", "HIGH"),
-        help="train the Solver only on queries it solves with a share in [LOW, HIGH] (R-Zero)")
     # sampling
     arg("--num-queries", type=int, default=8, help="N: queries per iteration")
     arg("--num-generations", type=int, default=4, help="G: answers per query")
@@ -118,12 +114,10 @@ def parse_args(argv=None):
     # a group of one would make every group-relative advantage zero
     at_least = {"num_queries": 2, "num_generations": 2, **dict.fromkeys(
         ["max_query_tokens", "max_completion_length", "max_judge_tokens", "steps",
-         "repeat_window", "challenger_every"], 1), "show_recent": 0}
+         "repeat_window"], 1)}
     options.check_ranges(parser, args, at_least, ["learning_rate", "max_grad_norm", "temperature"])
     if min(args.beta, args.alpha_ch, args.repeat_penalty) < 0:
         parser.error("--beta, --alpha-ch and --repeat-penalty must be >= 0")
-    if args.solver_band and not 0 <= args.solver_band[0] <= args.solver_band[1] <= 1:
-        parser.error(f"--solver-band needs 0 <= LOW <= HIGH <= 1, got {args.solver_band}")
     if not 0 < args.top_p <= 1:
         parser.error("--top-p must be in (0, 1]")
     if args.fill_template and len(PLACEHOLDER.findall(args.template)) != 1:
@@ -238,16 +232,14 @@ def template_frame(template):
     return before, after, after.strip()[:1]
 
 
-def challenger_prompt(tokenizer, args, stop_ids, shown=()):
+def challenger_prompt(tokenizer, args, stop_ids):
     """The Challenger's prompt (token ids) and the tokens that end its query.
 
-    `shown`: problems to list in it (--show-recent). With --fill-template the turn starts with
-    the template's text before the placeholder and ends at the first token holding the next one.
+    With --fill-template the Challenger's turn starts with the template's text before the
+    placeholder and ends at the first token holding the template's next character.
     """
     # the paper leaves task and template empty ("None") for general instructions
     prompt = CHALLENGER_PROMPT.format(task=args.task or "None", template=args.template or "None")
-    if shown:  # Absolute Zero: the Challenger sees some of its own problems and writes a new one
-        prompt += SHOWN_PROBLEMS.format(problems="\n".join(f"- {key}" for key in shown))
     prompt_ids = inputs.chat_prompt(tokenizer, prompt, args.chat_date)
     if not args.fill_template:
         return prompt_ids, stop_ids
@@ -411,10 +403,6 @@ def iteration_advantages(queries, valid, rewards, quality, game, recent, args):
     repeats = repeat_counts(keys, recent) if args.challenger_reward == "edge" else None
     solver_advantages, challenger_advantages = lsp_advantages(
         rewards, quality, valid, args.challenger_reward, repeats, args.repeat_penalty)
-    if args.solver_band:  # R-Zero: the Solver learns only from problems it half solves
-        values = rewards.mean(dim=1)  # [N], NaN for invalid queries
-        in_band = (values >= args.solver_band[0]) & (values <= args.solver_band[1])  # [N]
-        solver_advantages = torch.where(in_band[:, None], solver_advantages, 0.0)  # [N, G]
     return solver_advantages, challenger_advantages, keys
 
 
@@ -586,19 +574,13 @@ class SelfPlay:
 
     # 1. The Challenger writes N queries from one prompt (N / K per process under torchrun)
     def write_queries(self, count):
-        """(queries, statuses, the Challenger's token lists, its prompt): empty or cut queries
-        are invalid. With --show-recent the prompt lists the newest distinct recent problems."""
-        prompt = self.challenger_prompt
-        if self.args.show_recent:
-            newest_first = [key for keys in reversed(self.recent) for key in keys]
-            shown = list(dict.fromkeys(newest_first))[:self.args.show_recent]
-            prompt, _ = challenger_prompt(self.tokenizer, self.args, self.stop_ids, shown)
-        query_tokens = self.roll_out([prompt] * count, self.args.max_query_tokens,
-                                     self.query_stop_ids)
+        """(queries, statuses, the Challenger's token lists): empty or cut queries are invalid."""
+        query_tokens = self.roll_out([self.challenger_prompt] * count,
+                                     self.args.max_query_tokens, self.query_stop_ids)
         template = self.args.template if self.args.fill_template else None  # the query fills it
         queries, statuses = zip(*[read_query(self.tokenizer, tokens, self.query_stop_ids,
                                              template) for tokens in query_tokens])
-        return list(queries), list(statuses), query_tokens, prompt
+        return list(queries), list(statuses), query_tokens
 
     # 2. The Solver answers each valid query G times, as a plain user turn
     def answer(self, answered):
@@ -638,9 +620,8 @@ class SelfPlay:
                 first = self.steps_done * args.num_queries + distributed.rank() * count
                 queries, statuses, query_tokens = data_queries(self.dataset, args.seed, first,
                                                                count)
-                prompt = None
             else:
-                queries, statuses, query_tokens, prompt = self.write_queries(count)
+                queries, statuses, query_tokens = self.write_queries(count)
             statuses = scorers.mark_unscorable(queries, statuses)
         valid = torch.tensor([status == "ok" for status in statuses])  # [N]
         answered = [query for query, ok in zip(queries, valid) if ok for _ in range(group)]
@@ -674,16 +655,13 @@ class SelfPlay:
         # 5. Answers come first, so that a micro-batch mostly shares one prompt (`prefill`)
         written = len(query_tokens)  # Challenger sequences: N, or 0 with --queries
         answers_in_iteration = group * int(all_valid.sum())  # every process's
-        # SQLM and R-Zero train the Challenger less often than the Solver (--challenger-every)
-        challenger_weight = args.alpha_ch / args.num_queries * (
-            (self.steps_done % args.challenger_every) == 0)
         seq_kl, lengths, loss, grad_norm = self.update(
-            prompts=solver_prompts + [prompt] * written,
+            prompts=solver_prompts + [self.challenger_prompt] * written,
             completions=answer_tokens + list(query_tokens),
             advantages=torch.cat([solver_advantages[valid].flatten(),
                                   challenger_advantages[:written]]),
             weights=torch.cat([torch.full((len(answers),), 1 / max(1, answers_in_iteration)),
-                               torch.full((written,), challenger_weight)]),
+                               torch.full((written,), args.alpha_ch / args.num_queries)]),
             sequences_in_iteration=answers_in_iteration + written)
 
         cut = [tokens[-1] not in self.stop_ids for tokens in answer_tokens]  # at the length limit

@@ -1009,9 +1009,6 @@ def test_out_of_memory_stops_with_the_options_that_save_memory(tmp_path, tiny_mo
     (["--load-in-4bit"], "needs a CUDA GPU"),
     (["--fill-template", "--template", "What is it?"], "exactly one {placeholder}"),
     (["--fill-template", "--template", "{a} + {b}"], "exactly one {placeholder}"),
-    (["--solver-band", "0.7", "0.3"], "--solver-band needs 0 <= LOW <= HIGH <= 1"),
-    (["--challenger-every", "0"], "--challenger-every must be at least 1"),
-    (["--show-recent", "-1"], "--show-recent must be at least 0"),
 ])
 def test_bad_options_are_rejected_with_a_message(argv, message, capsys):
     if "--load-in-4bit" in argv and torch.cuda.is_available():
@@ -1343,43 +1340,3 @@ def test_dev_accuracy_is_the_greedy_solvers_mean_reward_on_a_fixed_dev_sample(tm
     accuracy = inputs.dev_accuracy(selfplay.game, arith_game.reward,
                                    functools.partial(lsp.greedy_answers, selfplay))
     assert accuracy == 0.5 and len(asked) == inputs.EVAL_PROBLEMS == 40
-
-
-def test_show_recent_lists_the_newest_distinct_problems_in_the_challenger_prompt(tmp_path, smol_tokenizer):
-    selfplay = scripted_selfplay(tmp_path, smol_tokenizer, [["What is 1 + 1?"] * 3], "--show-recent", "2")
-    seen = []
-    scripted = selfplay.roll_out
-    selfplay.roll_out = lambda prompts, *rest: seen.append(prompts[0]) or scripted(prompts, *rest)
-    selfplay.recent.extend([["2*3", "6+9"], ["7-1", "6+9"]])  # two past steps, the newest last
-    queries, _, _, prompt = selfplay.write_queries(3)
-    text = smol_tokenizer.decode(prompt)
-    assert seen == [prompt] and queries == ["What is 1 + 1?"] * 3
-    assert "- 7-1\n- 6+9" in text and "2*3" not in text  # newest first, a repeat shown once
-    assert text.startswith(smol_tokenizer.decode(selfplay.challenger_prompt)[:200])
-    assert "Inputs you wrote lately" not in smol_tokenizer.decode(selfplay.challenger_prompt)
-
-
-def test_challenger_every_k_steps_trains_the_challenger_only_on_those_steps(tmp_path, smol_tokenizer, monkeypatch):
-    import arith_game
-    queries = ["What is 2 + 3?", "What is 4 + 4?", "Hello"]
-    selfplay = scripted_selfplay(tmp_path, smol_tokenizer, [queries, ["5", "1"] * 2] * 2, "--no-self-reward",
-                                 "--challenger-every", "2", reward_function=arith_game.reward)
-    weights = []
-    real_update = lsp.policy_update
-    monkeypatch.setattr(lsp, "policy_update", lambda *a, **kw: weights.append(kw["weights"]) or real_update(*a, **kw))
-    for _ in range(2):
-        selfplay.step()
-    assert weights[0][4:].tolist() == pytest.approx([1 / 3] * 3)  # alpha_Ch / N on step 1
-    assert weights[1][4:].tolist() == [0.0] * 3 and weights[1][:4].tolist() == pytest.approx([1 / 4] * 4)
-
-
-def test_solver_band_keeps_the_solver_advantages_of_half_solved_problems_only(tmp_path):
-    rewards = torch.tensor([[1., 0., 0., 0.], [1., 1., 0., 0.], [1., 1., 1., 0.], [9., 9., 9., 9.]])  # [N, G]
-    valid = torch.tensor([True, True, True, False])
-    args = options(tmp_path, "--no-self-reward", "--solver-band", "0.3", "0.7")
-    banded, challenger, _ = lsp.iteration_advantages(["a", "b", "c", "d"], valid, rewards, None, None, set(), args)
-    plain, plain_challenger, _ = lsp.iteration_advantages(["a", "b", "c", "d"], valid, rewards, None, None, set(),
-                                                          options(tmp_path, "--no-self-reward"))
-    assert banded[1].tolist() == plain[1].tolist() == [0.5, 0.5, -0.5, -0.5]
-    assert banded[[0, 2, 3]].abs().sum() == 0 and plain[[0, 2]].abs().sum() > 0
-    assert torch.equal(challenger, plain_challenger)  # the Challenger is paid as before
