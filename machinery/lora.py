@@ -3,9 +3,10 @@ adapters train. pi_Ref and the judge are the same weights with the adapters off,
 copy of the model exists. Through peft, installed apart (`pip install peft`) as trl is for
 bench_trl.py.
 
-A checkpoint holds the adapters (peft's adapter_config.json and adapter_model.safetensors, a few
-MB) and trainer_state.pt. `lsp.load_model` reads one as a plain model: its base with the adapters
-merged into the weights, for eval.py, `eval.py merge` and --model.
+A checkpoint holds the adapters (peft's adapter_config.json and adapter_model.safetensors, 20 MB
+for SmolLM2 at rank 16) and trainer_state.pt (AdamW's states: twice that). `lsp.load_model`
+reads one as a plain model, its base with the adapters merged into the weights, for eval.py,
+`eval.py merge` and --model.
 """
 
 import json
