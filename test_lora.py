@@ -162,3 +162,20 @@ def test_without_peft_lora_says_what_to_install(tmp_path, smol_tokenizer, monkey
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft now raises ImportError
     with pytest.raises(SystemExit, match="pip install peft"):
         lora.add_adapters(tiny_chat_model(smol_tokenizer), options(tmp_path, "--lora", "4"))
+
+
+@needs_peft
+def test_qlora_start_loads_one_nf4_base_as_policy_and_reference(tmp_path, smol_tokenizer, monkeypatch):
+    """The CUDA-only path of `lsp.start` with --lora --load-in-4bit, with a stand-in loader: the policy's
+    base is loaded once, in 4-bit, and is the reference too (test_cuda.py g runs it for real)."""
+    calls = []
+
+    def fake_load(name, model_class, device, load_in_4bit=False):
+        calls.append(bool(load_in_4bit))
+        return smol_tokenizer, tiny_chat_model(smol_tokenizer)
+    monkeypatch.setattr(lsp, "load_model", fake_load)
+    args = options(tmp_path, *TINY_RUN, "--lora", "4")
+    args.load_in_4bit = True  # a CPU refuses it at parse time
+    selfplay, _ = lsp.start(args)
+    assert calls == [True] and selfplay.reference is selfplay.policy
+    assert all(p.requires_grad == ("lora_" in name) for name, p in selfplay.policy.named_parameters())

@@ -60,7 +60,7 @@ def save_checkpoint(trainer, out, step, keep):
     final = out / f"checkpoint-{step:06d}"
     partial = final.with_name(final.name + ".tmp")
     shutil.rmtree(partial, ignore_errors=True)  # left over by a save that was killed
-    if trainer.adapters:  # --lora: the adapters only, a few MB
+    if trainer.adapters:  # --lora: the adapters only (20 MB for SmolLM2 at rank 16)
         trainer.adapters.save_pretrained(partial, save_embedding_layers=False)
     else:
         trainer.policy.save_pretrained(partial)
