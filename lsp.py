@@ -101,7 +101,8 @@ def parse_args(argv=None):
     arg("--top-p", type=float, default=1.0, help="nucleus sampling, both roles")
     # optimization
     arg("--steps", type=int, default=1500, help="iterations, one optimizer step each")
-    arg("--learning-rate", type=float, default=3e-6, help="AdamW learning rate")
+    arg("--learning-rate", type=float, default=3e-6,
+        help=f"AdamW learning rate; with --lora, {lora.LEARNING_RATE_SCALE}x its default")
     arg("--beta", type=float, default=0.05, help="beta: weight of the KL penalty")
     arg("--alpha-ch", type=float, default=1.0, help="alpha_Ch: weight of the Challenger loss")
     arg("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
@@ -109,6 +110,9 @@ def parse_args(argv=None):
     game = parser.parse_args(argv).game
     if game:  # the game's settings become the defaults; options given here override them
         parser.set_defaults(**options.game_options(parser, game))
+    if parser.parse_args(argv).lora:  # adapters learn at about 10x full fine-tuning's rate
+        default = parser.get_default("learning_rate")
+        parser.set_defaults(learning_rate=lora.LEARNING_RATE_SCALE * default)
     args = options.parse_with_resume(parser, argv)
 
     # a group of one would make every group-relative advantage zero

@@ -4,6 +4,7 @@ checkpoints that resume exactly, merge, and the options refused. Tiny random mod
 import argparse
 import copy
 import importlib.util
+import json
 import subprocess
 import sys
 
@@ -149,6 +150,22 @@ def test_bad_lora_options_are_refused_before_loading(tmp_path, argv, message, ca
     with pytest.raises(SystemExit):
         options(tmp_path, *argv)
     assert message in capsys.readouterr().err
+
+
+def test_lora_trains_at_ten_times_the_default_learning_rate_unless_given_one(tmp_path):
+    """The game's --lora 16 command trained at full fine-tuning's 1e-5 before LoRA had a default."""
+    game = ["--game", str(HERE / "arith_game.py")]
+    assert options(tmp_path / "full", *game).learning_rate == 1e-5
+    assert options(tmp_path / "game", *game, "--lora", "16").learning_rate == 1e-4
+    assert options(tmp_path / "plain", "--lora", "16").learning_rate == 3e-5
+    given = options(tmp_path / "given", *game, "--lora", "16", "--learning-rate", "2e-5")
+    assert given.learning_rate == 2e-5
+    saved = vars(options(tmp_path / "saved", *game, "--lora", "16"))
+    (tmp_path / "saved" / "run").mkdir(parents=True)
+    saved = {name: value for name, value in saved.items() if name != "resume"}
+    (tmp_path / "saved" / "run" / "config.json").write_text(json.dumps(saved))
+    resumed = lsp.parse_args(["--resume", str(tmp_path / "saved" / "run")])
+    assert resumed.learning_rate == 1e-4  # the saved rate, not scaled again
 
 
 def test_spin_has_no_lora(capsys):

@@ -15,6 +15,11 @@ from pathlib import Path
 
 # the attention and MLP projections of Llama-style models (SmolLM2 and Llama 3 name them so)
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Without --learning-rate, --lora trains at this multiple of the full fine-tuning default
+# (lsp.py's, or a game's). "LoRA Without Regret" (Schulman et al., 2025) found LoRA's best rate
+# about 10x full fine-tuning's, with alpha 32, as our default 2R is at rank 16; on the game's dev
+# set 10x did as well as 30x (docs/runs.md).
+LEARNING_RATE_SCALE = 10
 
 
 def import_peft():
