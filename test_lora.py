@@ -160,9 +160,9 @@ def test_lora_trains_at_ten_times_the_default_learning_rate_unless_given_one(tmp
     assert options(tmp_path / "plain", "--lora", "16").learning_rate == 3e-5
     given = options(tmp_path / "given", *game, "--lora", "16", "--learning-rate", "2e-5")
     assert given.learning_rate == 2e-5
-    saved = vars(options(tmp_path / "saved", *game, "--lora", "16"))
+    started = options(tmp_path / "saved", *game, "--lora", "16")
+    saved = {name: value for name, value in vars(started).items() if name != "resume"}
     (tmp_path / "saved" / "run").mkdir(parents=True)
-    saved = {name: value for name, value in saved.items() if name != "resume"}
     (tmp_path / "saved" / "run" / "config.json").write_text(json.dumps(saved))
     resumed = lsp.parse_args(["--resume", str(tmp_path / "saved" / "run")])
     assert resumed.learning_rate == 1e-4  # the saved rate, not scaled again
